@@ -1,0 +1,245 @@
+"""The public API the CLI and the TUI call: load, extract, compose, generate, export, check."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import doctor as _doctor
+from . import models as _models
+from .dataset import Pair
+from .dataset import load_pairs as _load_pairs
+from .errors import OutputExistsError, VectorError
+from .extract import ExtractResult
+from .extract import extract as _extract
+from .importance import importance_order
+from .runtime import Model
+from .sampling import DEFAULT_SEED, Sampling
+from .steer import Rejection, Steerer, TokenEvent
+from .vector import ControlVector, format_layers, parse_layers
+
+Progress = Callable[[int, int], None]
+
+
+# --- models -------------------------------------------------------------------------------------
+
+def list_models() -> list[dict]:
+    out = []
+    for name, spec in _models.KNOWN_MODELS.items():
+        path = _models.model_path(name)
+        out.append({"name": name, "description": spec.description, "arch": spec.arch,
+                    "n_layer": spec.n_layer, "n_embd": spec.n_embd, "path": str(path),
+                    "present": path.is_file()})
+    return out
+
+
+def pull_model(name: str, progress: Progress | None = None, force: bool = False) -> Path:
+    return _models.pull(name, progress=progress, force=force)
+
+
+def load_model(model: str, gpu_layers: int = 999, verbose: bool = False) -> Model:
+    """Load a model by known name or GGUF path."""
+    return Model(_models.resolve(model), n_gpu_layers=gpu_layers, verbose=verbose)
+
+
+# --- vectors ------------------------------------------------------------------------------------
+
+def load_pairs(path: str | os.PathLike) -> list[Pair]:
+    return _load_pairs(path)
+
+
+def load_vector(path: str | os.PathLike) -> ControlVector:
+    return ControlVector.load(path)
+
+
+def check_output(path: str | os.PathLike, force: bool) -> None:
+    """Refuse an existing output before any long work starts."""
+    if Path(path).exists() and not force:
+        raise OutputExistsError(f"{path} exists (use --force to overwrite)")
+
+
+def extract_vector(model: Model, pairs: Sequence[Pair], method: str = "mean",
+                   dataset_name: str = "", progress: Progress | None = None) -> ExtractResult:
+    return _extract(model, pairs, method=method, dataset_name=dataset_name,
+                    model_sha256=_models.fingerprint(model.path), progress=progress)
+
+
+def parse_spec(spec: str) -> tuple[str, float | None]:
+    """"path.gguf:2.5" -> ("path.gguf", 2.5); a path alone has no scale."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, None
+
+
+@dataclass(frozen=True)
+class Steering:
+    """A composed control vector and the layers it is active on (empty: no steering)."""
+
+    vector: ControlVector | None
+    layers: tuple[int, ...]
+    parts: tuple[tuple[str, float], ...] = ()  # (file, scale) it was made of
+
+    def describe(self) -> str:
+        if self.vector is None:
+            return "none"
+        mix = " + ".join(f"{s:g} x {Path(p).name}" for p, s in self.parts)
+        return f"{mix} on layers {format_layers(self.layers)}"
+
+
+def steering_from_specs(model: Model, specs: Sequence[str], layers: str | None = None) -> Steering:
+    """Compose `PATH[:SCALE]` vectors for `model`: each is scaled (default: its suggested scale)
+    and limited to its suggested layers; `layers` then sets the active layers of the mix."""
+    if not specs:
+        if layers:
+            parse_layers(layers, model.n_layer)
+        return Steering(None, ())
+    parts = []
+    total = None
+    for spec in specs:
+        path, scale = parse_spec(spec)
+        v = ControlVector.load(path).fit(model.arch, model.n_layer, model.n_embd, path)
+        scale = v.suggested_scale if scale is None else scale
+        if layers is None and v.suggested_layers:
+            v = v.only_layers(v.suggested_layers)
+        v = v * scale
+        total = v if total is None else total + v
+        parts.append((path, scale))
+    active = parse_layers(layers, model.n_layer) if layers else total.layers
+    return Steering(total.only_layers(active), tuple(active), tuple(parts))
+
+
+def bake(specs: Sequence[str], scale: float = 1.0, layers: str | None = None) -> ControlVector:
+    """One vector from a weighted mix, for any llama.cpp frontend (`export`)."""
+    total = None
+    for spec in specs:
+        path, s = parse_spec(spec)
+        v = ControlVector.load(path) * (1.0 if s is None else s)
+        total = v if total is None else total + v
+    total = total * scale
+    if layers:
+        total = total.only_layers(parse_layers(layers, total.n_layer))
+    return total.with_meta(method="export", scale=1.0, layers=format_layers(total.layers))
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+def sampling_config(temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
+                    min_p: float = 0.05, seed: int | None = None) -> Sampling:
+    return Sampling(temperature, top_k, top_p, min_p, DEFAULT_SEED if seed is None else seed)
+
+
+def rejection_config(topk: int | None, minp: float = 0.0, recovery: str = "reset",
+                     draft: int = 8) -> Rejection | None:
+    return None if topk is None else Rejection(topk=topk, minp=minp, recovery=recovery, draft=draft)
+
+
+def chat_prompt(model: Model, prompt: str | Sequence[dict], raw: bool = False,
+                system: str | None = None) -> list[int]:
+    """Tokens of a prompt: a user message (or a whole message list) in the model's template."""
+    if raw:
+        return model.tokenize(prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system:
+        messages = [{"role": "system", "content": system}] + messages
+    return model.tokenize(model.apply_chat_template(messages))
+
+
+def make_steerer(model: Model, steering: Steering, rejection: Rejection | None = None,
+                 n_threads: int | None = None, n_ctx: int = 4096) -> Steerer:
+    importance = None
+    if rejection is not None and steering.vector is not None:
+        importance = importance_order(model, steering.vector, steering.layers,
+                                      _models.quick_fingerprint(model.path))
+    return Steerer(model, steering.vector, steering.layers or None, rejection, importance,
+                   n_ctx=n_ctx, n_threads=n_threads)
+
+
+@dataclass
+class RunResult:
+    text: str
+    tokens: list[int]
+    events: list[TokenEvent]
+    seconds: float
+    n_prompt: int
+    model: str
+    steering: str
+    seed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        n = len(self.events)
+        return sum(e.status in ("steered", "unsteered") for e in self.events) / n if n else 1.0
+
+    def as_dict(self, events: bool = False) -> dict:
+        d = {"text": self.text, "tokens": self.tokens, "n_prompt_tokens": self.n_prompt,
+             "n_tokens": len(self.tokens), "seconds": round(self.seconds, 4),
+             "tokens_per_second": round(self.tokens_per_second, 2), "model": self.model,
+             "steering": self.steering, "acceptance": round(self.acceptance, 4), **self.extra}
+        if events:
+            d["events"] = [e.as_dict() for e in self.events]
+        return d
+
+    def summary(self) -> str:
+        s = (f"[{len(self.tokens)} tokens, {self.tokens_per_second:.1f} tok/s, "
+             f"steering: {self.steering}")
+        if self.extra.get("rejection"):
+            s += f", full-steering acceptance {self.acceptance:.0%}"
+        return s + "]"
+
+
+def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
+             sampling: Sampling = Sampling(), max_tokens: int = 128,
+             rejection: Rejection | None = None, raw: bool = False, system: str | None = None,
+             n_threads: int | None = None, stream: Callable[[str], None] | None = None,
+             steerer: Steerer | None = None) -> RunResult:
+    """Generate a reply; `stream` receives text pieces as they come."""
+    import time
+
+    tokens = chat_prompt(model, prompt, raw=raw, system=system)
+    own = steerer is None
+    st = steerer or make_steerer(model, steering, rejection, n_threads=n_threads,
+                                 n_ctx=max(4096, len(tokens) + max_tokens))
+    sampling = sampling.resolved()
+    events: list[TokenEvent] = []
+    t0 = time.perf_counter()
+    try:
+        for ev in st.generate(tokens, max_tokens, sampling):
+            events.append(ev)
+            if stream and not model.is_eog(ev.token):
+                stream(ev.text)
+    finally:
+        if own:
+            st.close()
+    dt = time.perf_counter() - t0
+    out = [e.token for e in events]
+    text = model.detokenize([t for t in out if not model.is_eog(t)])
+    extra = {"layers": format_layers(steering.layers), "seed": sampling.seed,
+             "rejection": None if rejection is None else
+             {"topk": rejection.topk, "minp": rejection.minp, "recovery": rejection.recovery}}
+    return RunResult(text, out, events, dt, len(tokens), model.info.name, steering.describe(),
+                     extra=extra)
+
+
+# --- environment --------------------------------------------------------------------------------
+
+def doctor(model: str = _models.DEFAULT_MODEL) -> _doctor.Report:
+    return _doctor.check(model)
+
+
+__all__ = [
+    "ControlVector", "Model", "Pair", "Rejection", "Sampling", "Steerer", "Steering", "VectorError",
+    "bake", "chat_prompt", "check_output", "doctor", "extract_vector", "generate", "list_models",
+    "load_model", "load_pairs", "load_vector", "make_steerer", "parse_spec", "pull_model",
+    "rejection_config", "sampling_config", "steering_from_specs",
+]

