@@ -28,8 +28,10 @@ class _Group(click.Group):
 
 
 def _progress(label: str):
-    """A click progress bar on stderr driven by (done, total) callbacks."""
+    """A click progress bar on stderr driven by (done, total) callbacks (only on a terminal)."""
     state: dict = {}
+    if not sys.stderr.isatty():
+        return None
 
     def update(done: int, total: int) -> None:
         bar = state.get("bar")
@@ -126,15 +128,15 @@ def _norm_line(norms) -> str:
 def inspect(vector: Path) -> None:
     """Show what a GGUF control vector holds."""
     v = api.load_vector(vector)
-    click.echo(f"file:      {vector}")
-    click.echo(f"arch hint: {v.arch or '(none)'}")
-    click.echo(f"layers:    {format_layers(v.layers) or '(all zero)'} of {v.n_layer}")
-    click.echo(f"n_embd:    {v.n_embd}")
+    click.echo(f"file:             {vector}")
+    click.echo(f"arch hint:        {v.arch or '(none)'}")
+    click.echo(f"layers:           {format_layers(v.layers) or '(all zero)'} of {v.n_layer}")
+    click.echo(f"n_embd:           {v.n_embd}")
     for key in ("method", "model_name", "model_sha256", "dataset", "n_pairs", "scale", "layers",
                 "benign_kl"):
         if key in v.meta:
             label = {"layers": "suggested layers", "scale": "suggested scale"}.get(key, key)
-            click.echo(f"{label + ':':<11}{v.meta[key]}")
+            click.echo(f"{label + ':':<18}{v.meta[key]}")
     click.echo(_norm_line(v.norms()))
 
 

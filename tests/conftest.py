@@ -1,0 +1,39 @@
+"""Fixtures: the real small models, pulled into the cache by the install script."""
+
+from __future__ import annotations
+
+import pytest
+
+from localsteer import models
+from localsteer.runtime import Model
+
+
+def _model_path(name: str):
+    path = models.model_path(name)
+    if not path.is_file():
+        pytest.fail(f"{name} is not pulled: run `localsteer models pull {name}` (scripts/install.sh does)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_path():
+    return _model_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smol(smol_path):
+    m = Model(smol_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def qwen05_path():
+    return _model_path("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="session")
+def qwen05(qwen05_path):
+    m = Model(qwen05_path)
+    yield m
+    m.close()

@@ -1,0 +1,90 @@
+"""The runtime against the real SmolLM2-135M model: capture, control vectors, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from localsteer.activations import collect
+from localsteer.errors import ModelError
+from localsteer.runtime import Capture, Model
+
+
+def prompt(model, text="Describe the ocean."):
+    return model.tokenize(model.apply_chat_template([{"role": "user", "content": text}]))
+
+
+def capture_layers(model, tokens, directions=None, layers=None):
+    layers = list(range(model.n_layer)) if layers is None else layers
+    cap = Capture(layers)
+    with model.context(n_ctx=512, capture=cap) as ctx:
+        if directions is not None:
+            ctx.set_control(directions)
+        ctx.decode_sequence(tokens, 0)
+        return cap.layers
+
+
+def test_model_facts(smol):
+    assert (smol.arch, smol.n_layer, smol.n_embd) == ("llama", 30, 576)
+    text = smol.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    toks = smol.tokenize(text)
+    assert smol.detokenize(toks).endswith("assistant\n")
+
+
+def test_capture_reads_every_layer(smol):
+    toks = prompt(smol)
+    acts = capture_layers(smol, toks)
+    assert sorted(acts) == list(range(30))
+    assert acts[5].shape == (len(toks), 576)
+    assert acts[29].shape == (1, 576)  # llama.cpp computes the last layer for output rows only
+    assert np.isfinite(acts[5]).all() and np.abs(acts[5]).sum() > 0
+
+
+def test_vector_on_layer_n_changes_l_out_n_but_not_before(smol):
+    toks = prompt(smol)
+    base = capture_layers(smol, toks)
+    d = np.zeros((30, 576), dtype=np.float32)
+    d[12] = np.random.default_rng(0).normal(size=576) * 4
+    steered = capture_layers(smol, toks, d)
+    for il in range(12):
+        np.testing.assert_array_equal(steered[il], base[il])
+    # l_out-12 already includes the vector: exactly base + d at every position
+    np.testing.assert_allclose(steered[12], base[12] + d[12], atol=1e-4)
+    assert not np.allclose(steered[13], base[13], atol=1e-3)
+
+
+def test_zero_vector_gives_identical_logits(smol):
+    toks = prompt(smol)
+    with smol.context(n_ctx=512) as ctx:
+        ctx.decode_sequence(toks, 0)
+        plain = ctx.logits()
+        ctx.clear()
+        ctx.set_control(np.zeros((30, 576), dtype=np.float32))
+        ctx.decode_sequence(toks, 0)
+        np.testing.assert_array_equal(ctx.logits(), plain)
+
+
+def test_batched_capture_equals_one_prompt_at_a_time(smol):
+    texts = ["Describe the ocean.", "What is two plus two?", "Name a color.", "Write a haiku about snow."]
+    prompts = [prompt(smol, t) for t in texts]
+    batched = collect(smol, prompts, layers=[3, 15, 29], last_n=1)
+    alone = np.stack([collect(smol, [p], layers=[3, 15, 29], last_n=1)[0] for p in prompts])
+    np.testing.assert_allclose(batched[:, [3, 15, 29]], alone[:, [3, 15, 29]], atol=2e-3, rtol=1e-3)
+    # pooled over the last 3 positions: the mean of the per-position rows
+    acts = capture_layers(smol, prompts[0], layers=[15])
+    pooled = collect(smol, [prompts[0]], layers=[15], last_n=3)[0, 15]
+    np.testing.assert_allclose(pooled, acts[15][-3:].mean(axis=0), atol=2e-3)
+
+
+def test_bad_model_files(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        Model(tmp_path / "missing.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"definitely not a model")
+    with pytest.raises(ModelError, match="not a GGUF"):
+        Model(junk)
+    truncated = tmp_path / "trunc.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 8)
+    with pytest.raises(ModelError, match="could not load"):
+        Model(truncated)
