@@ -140,7 +140,12 @@ def _is_gguf(path: Path) -> bool:
 class Model:
     """A GGUF model loaded once; make as many contexts from it as you need."""
 
-    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 999, verbose: bool = False):
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 999, verbose: bool = False,
+                 repack: bool = False):
+        """`repack` lets llama.cpp's CPU backend repack weights for its batched kernels. It is off
+        because those kernels make a token's logits depend on how many tokens share its batch,
+        and dynamic rejection relies on a batched check giving the same logits as a 2-token one
+        (measured here: no speed cost for single-token decoding)."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
@@ -152,6 +157,7 @@ class Model:
         init_backend(verbose)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = repack
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
             raise ModelError(f"llama.cpp could not load {path} (run with --verbose for its log)")

@@ -37,9 +37,11 @@ class Sampling:
         """The token for `logits` `(n_vocab,)` at generation step `position`."""
         if self.greedy:
             return int(np.argmax(logits))
-        order = np.argsort(-logits, kind="stable")
-        if self.top_k > 0:
-            order = order[: self.top_k]
+        if 0 < self.top_k < len(logits):
+            part = np.argpartition(-logits, self.top_k)[: self.top_k]
+            order = part[np.argsort(-logits[part], kind="stable")]
+        else:
+            order = np.argsort(-logits, kind="stable")
         z = logits[order].astype(np.float64)
         p = np.exp(z - z[0])
         p /= p.sum()
@@ -57,6 +59,5 @@ class Sampling:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)

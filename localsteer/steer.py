@@ -36,16 +36,21 @@ class Rejection:
       keeps the weakened set for the rest of the reply, "gradual" restores one layer per
       accepted token.
     draft: how many steered tokens to draft before one batched plain check (1: no drafting).
+      Up to 4, the drafted loop's output is identical to the token-by-token loop's on llama.cpp's
+      CPU backend; longer drafts are faster where batching is cheap (GPUs) but may differ in
+      rare near-ties, since llama.cpp's batched kernels round differently.
     """
 
     topk: int = 20
     minp: float = 0.0
     recovery: str = "reset"
-    draft: int = 8
+    draft: int = 4
 
     def __post_init__(self):
         if self.topk < 1:
             raise ValueError("reject top-k must be at least 1")
+        if self.draft < 1:
+            raise ValueError("draft must be at least 1")
         if self.recovery not in RECOVERY:
             raise ValueError(f"recovery must be one of {RECOVERY}")
 
@@ -75,14 +80,16 @@ class Steerer:
     """Generates from one model with a control vector on chosen layers.
 
     `vector` is already composed and scaled (see `compose`); `layers` are the active layers,
-    `importance` orders them from least to most important (for weakening).
+    `importance` orders them from least to most important (for weakening). With `details`
+    off, events carry no probabilities (saves a softmax over the vocabulary per token).
     """
 
     def __init__(self, model: Model, vector: ControlVector | None = None,
                  layers: Sequence[int] | None = None, rejection: Rejection | None = None,
                  importance: Sequence[int] | None = None, n_ctx: int = 4096,
-                 n_threads: int | None = None, top_n_events: int = 5):
+                 n_threads: int | None = None, top_n_events: int = 5, details: bool = True):
         self.model = model
+        self.details = details
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.top_n_events = top_n_events
@@ -216,6 +223,8 @@ class _Run:
     def _event(self, token: int, status: str, rounds: int, layers: tuple[int, ...],
                s_logits: np.ndarray | None, p_logits: np.ndarray | None) -> TokenEvent:
         ev = TokenEvent(self.step, token, self.utf8.decode(self.model.piece(token)), status, rounds, layers)
+        if not self.s.details:
+            return ev
         if s_logits is not None:
             ev.steered_prob = float(softmax(s_logits)[token])
         if p_logits is not None:
@@ -279,7 +288,7 @@ class _Run:
 
     def checked(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """The token-by-token rejection loop (the reference for the drafted one)."""
-        steered, plain = self.s._steered, self.s._plain
+        steered = self.s._steered
         while True:
             state = self._refresh(state)
             self.s._apply(state.active)
@@ -293,8 +302,23 @@ class _Run:
             self.s._apply(state.active)
             pos = len(self.history) - 1
             steered.decode([tok], [pos], [0], [True])
-            plain.decode([tok], [pos], [0], [True])
-            s_logits, p_logits = steered.logits(), plain.logits()
+            s_logits, p_logits = steered.logits(), self._plain_append([tok], pos)[0]
+
+    def _plain_append(self, toks: list[int], start: int) -> np.ndarray:
+        """Decode `toks` at positions start.. on the plain context; their logits `(n, n_vocab)`.
+
+        llama.cpp's CPU kernels give a token slightly different logits in a batch of one than in
+        a batch of several, but the same ones in any batch of 2 to 5 tokens (measured, see the
+        README). So the previous token is always decoded again with the new ones: every plain
+        decode after the prompt is a batch of 2 to draft+1 tokens, and the drafted loop makes
+        bit-identical choices to the token-by-token one.
+        """
+        plain = self.s._plain
+        plain.remove(0, start - 1, -1)
+        batch = [self.history[start - 1], *toks]
+        plain.decode(batch, range(start - 1, start + len(toks)), [0] * len(batch),
+                     [False] + [True] * len(toks))
+        return plain.logits_rows(len(toks))
 
     def drafted(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """Draft up to `draft` steered tokens, verify them with one batched plain decode."""
@@ -321,8 +345,7 @@ class _Run:
                 cur = steered.logits()
             # 2. verify the whole run on the plain context in one decode
             toks = [d[0] for d in drafts]
-            plain.decode(toks, range(start, start + len(toks)), [0] * len(toks), [True] * len(toks))
-            rows = plain.logits_rows(len(toks))
+            rows = self._plain_append(toks, start)
             plain_logits = [p_logits] + [rows[j] for j in range(len(toks) - 1)]
             # 3. accept the plausible prefix
             j = 0
@@ -359,8 +382,7 @@ class _Run:
             state = tok_state
             self.s._apply(state.active)
             steered.decode([tok], [pos], [0], [True])
-            plain.decode([tok], [pos], [0], [True])
-            s_logits, p_logits = steered.logits(), plain.logits()
+            s_logits, p_logits = steered.logits(), self._plain_append([tok], pos)[0]
 
 
 def compose(model: Model, vectors: Sequence[tuple[ControlVector, float]]) -> ControlVector | None:

@@ -1,0 +1,106 @@
+"""Dynamic rejection decoding on the real SmolLM2-135M model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localsteer import api, importance, models
+from localsteer.steer import Rejection, Steerer
+
+DATASETS = Path(__file__).parent.parent / "vectors" / "datasets"
+GREEDY = api.sampling_config(temperature=0)
+SAMPLED = api.sampling_config(temperature=0.9, seed=1234)
+PROMPTS = ["Describe the ocean.", "Give me three tips for sleeping better."]
+
+
+@pytest.fixture(scope="module")
+def vector(smol):
+    pairs = api.load_pairs(DATASETS / "happy-sad.jsonl")[:16]
+    return api.extract_vector(smol, pairs).vector
+
+
+def tokens(model, steerer, prompt, n=32, sampling=GREEDY, fast=True):
+    toks = api.chat_prompt(model, prompt)
+    return [e.token for e in steerer.generate(toks, n, sampling, fast=fast)]
+
+
+def events(model, steerer, prompt, n=32, sampling=GREEDY, fast=True):
+    return list(steerer.generate(api.chat_prompt(model, prompt), n, sampling, fast=fast))
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_topk_of_whole_vocabulary_is_pure_steering(smol, vector, sampling):
+    layers = list(range(6, 20))
+    v = vector.only_layers(layers) * 0.4
+    pure = Steerer(smol, v, layers)
+    rej = Steerer(smol, v, layers, Rejection(topk=smol.n_vocab), importance=layers)
+    for p in PROMPTS:
+        assert tokens(smol, rej, p, sampling=sampling) == tokens(smol, pure, p, sampling=sampling)
+        assert all(e.status == "steered" for e in events(smol, rej, p, sampling=sampling))
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_steering_rejected_everywhere_is_plain_decoding(smol, vector, sampling):
+    layers = list(range(4, 26))
+    v = vector.only_layers(layers) * 50.0  # gibberish when applied as is
+    plain = Steerer(smol)
+    rej = Steerer(smol, v, layers, Rejection(topk=1, recovery="hold"), importance=layers)
+    for p in PROMPTS:
+        evs = events(smol, rej, p, sampling=sampling)
+        assert [e.token for e in evs] == tokens(smol, plain, p, sampling=sampling)
+        assert evs[0].status == "plain"
+    pure = Steerer(smol, v, layers)
+    assert tokens(smol, pure, PROMPTS[0]) != tokens(smol, plain, PROMPTS[0])
+
+
+@pytest.mark.parametrize("recovery", ["reset", "hold", "gradual"])
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_drafted_output_equals_token_by_token(smol, vector, sampling, recovery):
+    layers = list(range(6, 20))
+    v = vector.only_layers(layers) * 0.6
+    st = Steerer(smol, v, layers, Rejection(topk=8, recovery=recovery, draft=6), importance=layers)
+    rejected = 0
+    for p in PROMPTS:
+        slow = events(smol, st, p, n=48, sampling=sampling, fast=False)
+        fast = events(smol, st, p, n=48, sampling=sampling, fast=True)
+        assert [e.token for e in fast] == [e.token for e in slow]
+        assert [(e.status, e.rounds, e.layers) for e in fast] == [(e.status, e.rounds, e.layers) for e in slow]
+        rejected += sum(e.rounds > 0 for e in slow)
+    assert rejected > 0  # the comparison exercised rollbacks
+
+
+def test_events_carry_what_a_ui_needs(smol, vector):
+    layers = list(range(6, 20))
+    st = Steerer(smol, vector.only_layers(layers) * 0.6, layers, Rejection(topk=8), importance=layers)
+    evs = events(smol, st, PROMPTS[0], n=24)
+    d = evs[0].as_dict()
+    assert set(d) >= {"index", "token", "text", "status", "rounds", "layers", "plain_top", "steered_prob",
+                      "plain_prob"}
+    assert len(d["plain_top"]) == 5 and d["plain_top"][0]["prob"] >= d["plain_top"][1]["prob"]
+    assert {e.status for e in evs} <= {"steered", "weakened", "plain"}
+    weakened = [e for e in evs if e.status == "weakened"]
+    for e in weakened:
+        assert e.rounds > 0 and set(e.layers) < set(layers)
+
+
+def test_sensitivity_ranking_is_stable_and_cached(smol, smol_path, vector, monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCALSTEER_HOME", str(tmp_path))
+    layers = list(range(6, 20))
+    v = vector.only_layers(layers) * 0.6
+    fp = models.quick_fingerprint(smol_path)
+    first = importance.importance_order(smol, v, layers, fp)
+    second = importance.importance_order(smol, v, layers, fp, cache=False)
+    assert first == second and sorted(first) == layers
+    cached = list((tmp_path / "importance").glob("*.json"))
+    assert len(cached) == 1
+    kl = json.loads(cached[0].read_text())["kl"]
+    assert all(k >= 0 for k in kl.values()) and len(kl) == len(layers)
+    # a cache hit does not recompute: poison the KL values and see them used
+    data = json.loads(cached[0].read_text())
+    data["kl"] = {str(il): float(-il) for il in layers}
+    cached[0].write_text(json.dumps(data))
+    assert importance.importance_order(smol, v, layers, fp) == sorted(layers, reverse=True)
