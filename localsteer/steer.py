@@ -99,7 +99,9 @@ class Steerer:
 
     def configure(self, vector: ControlVector | None = None, layers: Sequence[int] | None = None,
                   rejection: Rejection | None = None, importance: Sequence[int] | None = None) -> None:
-        """Change the steering; takes effect at the next token (also in the middle of a reply)."""
+        """Change the steering; takes effect at the next token (also in the middle of a reply:
+        call it between two tokens of `generate`). Switching rejection on or off takes effect at
+        the next reply; a changed top-k, min-p or recovery at the next token."""
         m = self.model
         self.vector = vector.fit(m.arch, m.n_layer, m.n_embd) if vector is not None else None
         if self.vector is None:
@@ -207,6 +209,7 @@ class _Run:
         self.n_prompt = len(history)
         self.sampling = sampling
         self.max_tokens = max_tokens
+        self._rejection = steerer.rejection  # used if rejection is switched off mid-reply
         self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     @property
@@ -237,8 +240,12 @@ class _Run:
                             for t in top]
         return ev
 
+    @property
+    def rejection(self) -> Rejection:
+        return self.s.rejection or self._rejection
+
     def _plausible(self, token: int, p_logits: np.ndarray) -> bool:
-        rej = self.s.rejection
+        rej = self.rejection
         better = int(np.count_nonzero(p_logits > p_logits[token]))
         if better >= rej.topk:
             return False
@@ -323,8 +330,8 @@ class _Run:
     def drafted(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """Draft up to `draft` steered tokens, verify them with one batched plain decode."""
         steered, plain = self.s._steered, self.s._plain
-        n_draft = self.s.rejection.draft
         while True:
+            n_draft = self.rejection.draft
             # 1. draft on the steered context, as if every token will be accepted
             state = self._refresh(state)
             start = len(self.history)
