@@ -158,8 +158,12 @@ class Steerer:
         s_logits = steered.logits()
         p_logits = None
         if plain is not None:
+            # the last two prompt tokens go in a batch of two: see _Run._plain_append
             plain.clear()
-            plain.decode_sequence(prompt, 0)
+            head = max(0, len(prompt) - 2)
+            plain.decode_sequence(prompt[:head], 0)
+            tail = list(prompt[head:])
+            plain.decode(tail, range(head, len(prompt)), [0] * len(tail), [False] * (len(tail) - 1) + [True])
             p_logits = plain.logits()
         run = _Run(self, list(prompt), sampling, max_tokens)
         if plain is None:
@@ -314,17 +318,18 @@ class _Run:
     def _plain_append(self, toks: list[int], start: int) -> np.ndarray:
         """Decode `toks` at positions start.. on the plain context; their logits `(n, n_vocab)`.
 
-        llama.cpp's CPU kernels give a token slightly different logits in a batch of one than in
-        a batch of several, but the same ones in any batch of 2 to 5 tokens (measured, see the
-        README). So the previous token is always decoded again with the new ones: every plain
-        decode after the prompt is a batch of 2 to draft+1 tokens, and the drafted loop makes
-        bit-identical choices to the token-by-token one.
+        llama.cpp's CPU kernels give a token slightly different logits (and cache entries) in a
+        batch of one than in a batch of several, but the same in any batch of 2 to 5 tokens
+        (measured, see the README). So every plain decode after the prompt's head is a batch of
+        2 to 5: a lone token is decoded again with its predecessor, whose cache entry comes out
+        the same. That keeps the drafted loop's choices bit-identical to the token-by-token one.
         """
         plain = self.s._plain
-        plain.remove(0, start - 1, -1)
-        batch = [self.history[start - 1], *toks]
-        plain.decode(batch, range(start - 1, start + len(toks)), [0] * len(batch),
-                     [False] + [True] * len(toks))
+        if len(toks) == 1:
+            plain.remove(0, start - 1, -1)
+            plain.decode([self.history[start - 1], toks[0]], [start - 1, start], [0, 0], [False, True])
+            return plain.logits()[None]
+        plain.decode(toks, range(start, start + len(toks)), [0] * len(toks), [True] * len(toks))
         return plain.logits_rows(len(toks))
 
     def drafted(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:

@@ -82,3 +82,12 @@ def test_seeded_sampling_is_reproducible(smol, lowercase):
     s = api.sampling_config(temperature=0.9, seed=42)
     assert gen(smol, st, sampling=s) == gen(smol, st, sampling=s)
     assert gen(smol, st, sampling=s) != gen(smol, st, sampling=api.sampling_config(temperature=0.9, seed=7))
+
+
+def test_perplexity_prefers_the_models_own_greedy_text(smol):
+    from localsteer.measure import perplexity
+    prompt = api.chat_prompt(smol, "Describe the ocean.")
+    own = api.generate(smol, "Describe the ocean.", api.Steering(None, ()), sampling=GREEDY, max_tokens=24).tokens
+    rng = np.random.default_rng(0)
+    noise = [int(t) for t in rng.integers(100, smol.n_vocab - 1, size=len(own))]
+    assert perplexity(smol, prompt, own) < 5 < 1000 < perplexity(smol, prompt, noise)
