@@ -132,8 +132,8 @@ def inspect(vector: Path) -> None:
     click.echo(f"arch hint:        {v.arch or '(none)'}")
     click.echo(f"layers:           {format_layers(v.layers) or '(all zero)'} of {v.n_layer}")
     click.echo(f"n_embd:           {v.n_embd}")
-    for key in ("method", "model_name", "model_sha256", "dataset", "n_pairs", "scale", "layers",
-                "benign_kl"):
+    for key in ("method", "model_name", "model_sha256", "dataset", "n_pairs", "prescale", "scale",
+                "layers", "benign_kl"):
         if key in v.meta:
             label = {"layers": "suggested layers", "scale": "suggested scale"}.get(key, key)
             click.echo(f"{label + ':':<18}{v.meta[key]}")

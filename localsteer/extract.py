@@ -17,6 +17,16 @@ from .vector import ControlVector
 
 METHODS = ("mean", "pca")
 
+# A mean-difference vector added at every layer of a band acts roughly once per layer, so the
+# vector is stored as a total strength spread over the suggested band (`prescale`). 1.5 over the layers from
+# a quarter to four fifths of the depth gave clear, fluent persona and case effects on SmolLM2
+# and Qwen2.5 0.5B (scripts/make_vectors.py prints samples).
+SUGGESTED_STRENGTH = 1.5
+
+
+def suggested_layers(n_layer: int) -> list[int]:
+    return list(range(max(1, n_layer // 4), max(2, (4 * n_layer) // 5) + 1))
+
 
 def format_pair(model: Model, pair: Pair) -> tuple[str, str]:
     """Both sides of a pair as chat prompts in the model's own template."""
@@ -79,16 +89,20 @@ def extract(model: Model, pairs: Sequence[Pair], method: str = "mean", dataset_n
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     t0 = time.perf_counter()
     pos, neg = pair_activations(model, pairs, progress=progress)
-    dirs = directions(pos, neg, method)
-    n = model.n_layer
+    layers = suggested_layers(model.n_layer)
+    prescale = SUGGESTED_STRENGTH / len(layers)
+    # stored pre-scaled, so that scale 1 (here and in llama.cpp's --control-vector-scaled) is
+    # the suggested strength on the suggested layers
+    dirs = directions(pos, neg, method) * np.float32(prescale)
     meta = {
         "method": method,
         "model_name": model.info.name,
         "model_sha256": model_sha256,
         "dataset": dataset_name,
         "n_pairs": len(pairs),
+        "prescale": float(prescale),
         "scale": 1.0,
-        "layers": f"{max(1, n // 3)}-{max(1, (2 * n) // 3)}",
+        "layers": f"{layers[0]}-{layers[-1]}",
     }
     vector = ControlVector(dirs, model.arch, meta)
     return ExtractResult(vector, time.perf_counter() - t0, len(pairs))

@@ -59,7 +59,7 @@ def test_inspect(vector_file):
 
 
 def test_generate_json(vector_file):
-    out = ls("generate", "--vector", f"{vector_file}:0.3", "--layers", "8-16", "--temp", "0", "-n", "12",
+    out = ls("generate", "--vector", f"{vector_file}:3", "--layers", "8-16", "--temp", "0", "-n", "12",
              "--json", "--events", "Describe the ocean.").stdout
     obj = json.loads(out)
     assert obj["n_tokens"] == len(obj["tokens"]) == len(obj["events"]) <= 12

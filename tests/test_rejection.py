@@ -35,7 +35,7 @@ def events(model, steerer, prompt, n=32, sampling=GREEDY, fast=True):
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_topk_of_whole_vocabulary_is_pure_steering(smol, vector, sampling):
     layers = list(range(6, 20))
-    v = vector.only_layers(layers) * 0.4
+    v = vector.only_layers(layers) * 5.0
     pure = Steerer(smol, v, layers)
     rej = Steerer(smol, v, layers, Rejection(topk=smol.n_vocab), importance=layers)
     for p in PROMPTS:
@@ -46,7 +46,7 @@ def test_topk_of_whole_vocabulary_is_pure_steering(smol, vector, sampling):
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_steering_rejected_everywhere_is_plain_decoding(smol, vector, sampling):
     layers = list(range(4, 26))
-    v = vector.only_layers(layers) * 50.0  # gibberish when applied as is
+    v = vector.only_layers(layers) * 600.0  # gibberish when applied as is
     plain = Steerer(smol)
     rej = Steerer(smol, v, layers, Rejection(topk=1, recovery="hold"), importance=layers)
     for p in PROMPTS:
@@ -61,7 +61,7 @@ def test_steering_rejected_everywhere_is_plain_decoding(smol, vector, sampling):
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_drafted_output_equals_token_by_token(smol, vector, sampling, recovery):
     layers = list(range(6, 20))
-    v = vector.only_layers(layers) * 0.6
+    v = vector.only_layers(layers) * 8.0
     st = Steerer(smol, v, layers, Rejection(topk=8, recovery=recovery, draft=6), importance=layers)
     rejected = 0
     for p in PROMPTS:
@@ -75,7 +75,7 @@ def test_drafted_output_equals_token_by_token(smol, vector, sampling, recovery):
 
 def test_events_carry_what_a_ui_needs(smol, vector):
     layers = list(range(6, 20))
-    st = Steerer(smol, vector.only_layers(layers) * 0.6, layers, Rejection(topk=8), importance=layers)
+    st = Steerer(smol, vector.only_layers(layers) * 8.0, layers, Rejection(topk=8), importance=layers)
     evs = events(smol, st, PROMPTS[0], n=24)
     d = evs[0].as_dict()
     assert set(d) >= {"index", "token", "text", "status", "rounds", "layers", "plain_top", "steered_prob",
@@ -90,7 +90,7 @@ def test_events_carry_what_a_ui_needs(smol, vector):
 def test_sensitivity_ranking_is_stable_and_cached(smol, smol_path, vector, monkeypatch, tmp_path):
     monkeypatch.setenv("LOCALSTEER_HOME", str(tmp_path))
     layers = list(range(6, 20))
-    v = vector.only_layers(layers) * 0.6
+    v = vector.only_layers(layers) * 8.0
     fp = models.quick_fingerprint(smol_path)
     first = importance.importance_order(smol, v, layers, fp)
     second = importance.importance_order(smol, v, layers, fp, cache=False)

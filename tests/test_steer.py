@@ -34,7 +34,8 @@ def test_extract_mean_is_difference_of_means(smol):
     pairs = api.load_pairs(DATASETS / "happy-sad.jsonl")[:6]
     pos, neg = pair_activations(smol, pairs)
     v = api.extract_vector(smol, pairs, method="mean").vector
-    np.testing.assert_allclose(v.directions[1:], (pos.mean(0) - neg.mean(0))[1:], rtol=1e-3, atol=1e-4)
+    raw = v.directions[1:] / v.meta["prescale"]
+    np.testing.assert_allclose(raw, (pos.mean(0) - neg.mean(0))[1:], rtol=1e-3, atol=1e-4)
     assert v.meta["n_pairs"] == 6 and v.arch == "llama"
 
 
@@ -61,24 +62,24 @@ def test_extract_save_load_round_trip(smol, lowercase, tmp_path):
 def test_zero_vector_output_is_identical_to_plain(smol, lowercase):
     plain = gen(smol, api.Steering(None, ()))
     assert gen(smol, steering(lowercase * 0.0, range(1, 30))) == plain
-    assert gen(smol, steering(lowercase, range(8, 17))) != plain
+    assert gen(smol, steering(lowercase * 4, range(8, 17))) != plain
 
 
 def test_composition_equals_the_sum(smol, lowercase, tmp_path):
     happy = api.extract_vector(smol, api.load_pairs(DATASETS / "happy-sad.jsonl")[:8]).vector
     lowercase.save(tmp_path / "a.gguf")
     happy.save(tmp_path / "b.gguf")
-    composed = api.steering_from_specs(smol, [f"{tmp_path}/a.gguf:0.2", f"{tmp_path}/b.gguf:0.3"], "6-14")
-    summed = (lowercase * 0.2 + happy * 0.3).only_layers(range(6, 15))
+    composed = api.steering_from_specs(smol, [f"{tmp_path}/a.gguf:2", f"{tmp_path}/b.gguf:3"], "6-14")
+    summed = (lowercase * 2 + happy * 3).only_layers(range(6, 15))
     np.testing.assert_allclose(composed.vector.directions, summed.directions, rtol=1e-6)
-    baked = api.bake([f"{tmp_path}/a.gguf:0.2", f"{tmp_path}/b.gguf:0.3"], 1.0, "6-14")
+    baked = api.bake([f"{tmp_path}/a.gguf:2", f"{tmp_path}/b.gguf:3"], 1.0, "6-14")
     baked.save(tmp_path / "baked.gguf")
     one = api.steering_from_specs(smol, [f"{tmp_path}/baked.gguf"])
     assert gen(smol, composed) == gen(smol, one) != gen(smol, api.Steering(None, ()))
 
 
 def test_seeded_sampling_is_reproducible(smol, lowercase):
-    st = steering(lowercase * 0.1, range(8, 17))
+    st = steering(lowercase, range(8, 17))
     s = api.sampling_config(temperature=0.9, seed=42)
     assert gen(smol, st, sampling=s) == gen(smol, st, sampling=s)
     assert gen(smol, st, sampling=s) != gen(smol, st, sampling=api.sampling_config(temperature=0.9, seed=7))

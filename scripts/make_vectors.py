@@ -1,0 +1,54 @@
+"""Extract the vectors shipped in vectors/<model>/ from the datasets in vectors/datasets/,
+and print a greedy sample (plain, and steered at the suggested scale and its negative) for each.
+
+    .venv/bin/python scripts/make_vectors.py [--models smollm2-135m-instruct,...] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from localsteer import api  # noqa: E402
+
+DATASETS = {"happy-sad": "How was your weekend?", "uppercase": "Describe the ocean.",
+            "lowercase": "Describe the ocean."}
+MODELS = "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct"
+
+
+def sample(model, prompt, steering):
+    r = api.generate(model, prompt, steering, sampling=api.sampling_config(temperature=0), max_tokens=40)
+    return r.text.replace("\n", " ")[:160]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=MODELS)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    for name in args.models.split(","):
+        model = api.load_model(name)
+        for ds, prompt in DATASETS.items():
+            out = ROOT / "vectors" / name / f"{ds}.gguf"
+            if out.exists() and not args.force:
+                vec = api.load_vector(out)
+            else:
+                pairs = api.load_pairs(ROOT / "vectors" / "datasets" / f"{ds}.jsonl")
+                res = api.extract_vector(model, pairs, method="mean", dataset_name=f"{ds}.jsonl")
+                vec = res.vector
+                vec.save(out, force=True)
+            layers = vec.suggested_layers
+            print(f"== {name} / {ds}: layers {vec.meta['layers']}, scale {vec.suggested_scale}")
+            print(f"   plain : {sample(model, prompt, api.Steering(None, ()))}")
+            for sign in (1, -1):
+                st = api.Steering(vec.only_layers(layers) * (sign * vec.suggested_scale), layers)
+                print(f"   {'+' if sign > 0 else '-'}steer: {sample(model, prompt, st)}")
+        model.close()
+
+
+if __name__ == "__main__":
+    main()
