@@ -207,9 +207,10 @@ def export(vectors, scale: float, layers: str | None, out: Path, force: bool) ->
     baked.save(out, force=force)
     click.echo(f"wrote {out}: layers {format_layers(baked.layers)}, n_embd {baked.n_embd}, "
                f"for {baked.arch or 'any'} models")
-    click.echo("use it with llama.cpp:")
+    click.echo("use it with llama.cpp (scale and layers are baked in):")
     click.echo(f"  llama-cli -m MODEL.gguf --control-vector {out}")
     click.echo(f"  llama-server -m MODEL.gguf --control-vector {out}")
+    click.echo("  (add --no-repack for output token-identical to `localsteer generate`)")
 
 
 # --- doctor -------------------------------------------------------------------------------------

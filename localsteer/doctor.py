@@ -62,8 +62,10 @@ def check(model: str = DEFAULT_MODEL) -> Report:
     flags = cpu_flags()
     if flags:
         has_amx = "amx_tile" in flags
-        r.lines.append(("cpu AMX", "yes" if has_amx else "no"))
-        if has_amx and "AMX" in info:
+        built = "AMX" in info
+        r.lines.append(("cpu AMX", ("yes" if has_amx else "no") +
+                        (f"; llama.cpp built {'with' if built else 'without'} its AMX kernels" if has_amx else "")))
+        if has_amx and built:
             r.warnings.append(
                 "this CPU has AMX and llama.cpp was built with its AMX kernels, which crash at the "
                 "first decode (llama.cpp issue 20824). Rebuild without them: " + REINSTALL)
