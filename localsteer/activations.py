@@ -17,11 +17,12 @@ Progress = Callable[[int, int], None]
 
 def collect(model: Model, prompts: Sequence[Sequence[int]], layers: Sequence[int] | None = None,
             last_n: int = 1, n_batch: int = 512, max_seqs: int = 64,
-            progress: Progress | None = None) -> np.ndarray:
+            progress: Progress | None = None, skip_first: bool = False) -> np.ndarray:
     """Activations `(n_prompts, n_layer, n_embd)` float32, each the mean over the last `last_n`
     token positions of that prompt (1: the last token). Layers not in `layers` stay zero.
 
-    `prompts` are token id lists; a prompt longer than `n_batch` is an error.
+    `prompts` are token id lists. `skip_first` leaves the first position out of the mean (its
+    activations are outsized "attention sink" values in many models).
     """
     layers = list(range(model.n_layer)) if layers is None else sorted(set(layers))
     longest = max(len(p) for p in prompts)
@@ -39,7 +40,7 @@ def collect(model: Model, prompts: Sequence[Sequence[int]], layers: Sequence[int
             rows: list[list[int]] = []  # per prompt: its pooled rows' batch indices
             for s, i in enumerate(group):
                 p = prompts[i]
-                k = min(last_n, len(p))
+                k = min(last_n, len(p) - 1 if skip_first and len(p) > 1 else len(p))
                 rows.append(list(range(len(tokens) + len(p) - k, len(tokens) + len(p))))
                 tokens.extend(p)
                 positions.extend(range(len(p)))

@@ -66,6 +66,24 @@ def extract_vector(model: Model, pairs: Sequence[Pair], method: str = "mean",
                     model_sha256=_models.fingerprint(model.path), progress=progress)
 
 
+def extract_instruction_vector(model: Model, dataset: str | os.PathLike,
+                               progress: Progress | None = None):
+    """An instruction vector from a `vectors/datasets/instructions/*.jsonl` file (train split),
+    its layer chosen on the validation split with the file's checker."""
+    from . import verify
+    from .instruction import extract_instruction
+
+    items = verify.load_instruction_set(dataset)
+    spec = items[0]["check"]
+
+    def pairs(split: str) -> list[Pair]:
+        return [Pair(f"{it['prompt']} {it['instruction']}", it["prompt"]) for it in verify.split(items, split)]
+
+    return extract_instruction(model, pairs("train"), pairs("validation"),
+                               lambda text: verify.check(spec, text), name=Path(dataset).name,
+                               model_sha256=_models.fingerprint(model.path), progress=progress)
+
+
 def parse_spec(spec: str) -> tuple[str, float | None]:
     """"path.gguf:2.5" -> ("path.gguf", 2.5); a path alone has no scale."""
     path, sep, scale = spec.rpartition(":")
@@ -229,6 +247,22 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
              {"topk": rejection.topk, "minp": rejection.minp, "recovery": rejection.recovery}}
     return RunResult(text, out, events, dt, len(tokens), model.info.name, steering.describe(),
                      extra=extra)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def evaluate(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir: str | os.PathLike,
+             limit: int | None = None, max_tokens: int = 48, topk: int = 20,
+             compose: Sequence[tuple[str, str]] = (), log: Callable[[str], None] = print,
+             datasets: str | os.PathLike = REPO / "vectors" / "datasets",
+             vectors: str | os.PathLike = REPO / "vectors"):
+    """The `localsteer eval` grid (see localsteer/evaluate.py)."""
+    from .evaluate import run_grid
+    return run_grid(models, types, Path(out_dir), Path(datasets), Path(vectors), limit=limit,
+                    max_tokens=max_tokens, topk=topk, compose=compose, log=log)
 
 
 # --- environment --------------------------------------------------------------------------------

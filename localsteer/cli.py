@@ -94,7 +94,8 @@ def models_pull(name: str, force: bool) -> None:
 @model_option
 @click.option("--dataset", "-d", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL of {positive, negative} or {prompt, instruction} pairs.")
-@click.option("--method", type=click.Choice(["mean", "pca"]), default="mean", show_default=True)
+@click.option("--method", type=click.Choice(["mean", "pca", "instruction"]), default="mean", show_default=True,
+              help="instruction: one layer, chosen on the validation split (instruction datasets).")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output GGUF control vector.")
 @force_option
@@ -106,6 +107,15 @@ def extract(model: str, dataset: Path, method: str, out: Path, force: bool, thre
     """Extract a control vector from contrastive pairs."""
     api.check_output(out, force)
     lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
+    if method == "instruction":
+        res = api.extract_instruction_vector(lm, dataset, progress=_progress("instruction vector"))
+        res.vector.save(out, force=force)
+        click.echo(f"wrote {out}: instruction vector for {lm.info.name} ({lm.arch}), layer {res.layer}, "
+                   f"weight {res.weight:.2f}")
+        click.echo("validation accuracy by layer (steering without the instruction): " +
+                   " ".join(f"{s.layer}:{s.accuracy:.0%}" for s in res.scores))
+        click.echo(f"done in {res.seconds:.1f} s")
+        return
     pairs = api.load_pairs(dataset)
     result = api.extract_vector(lm, pairs, method=method, dataset_name=dataset.name,
                                 progress=_progress(f"{len(pairs)} pairs"))
@@ -211,6 +221,45 @@ def export(vectors, scale: float, layers: str | None, out: Path, force: bool) ->
     click.echo(f"  llama-cli -m MODEL.gguf --control-vector {out}")
     click.echo(f"  llama-server -m MODEL.gguf --control-vector {out}")
     click.echo("  (add --no-repack for output token-identical to `localsteer generate`)")
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
+
+
+@main.command("eval")
+@click.option("--model", "-m", "model_names", multiple=True, default=["qwen2.5-coder-0.5b-instruct"],
+              show_default=True, help="Repeat for several models.")
+@click.option("--types", default=ALL_TYPES, show_default=True, help="Instruction types (comma-separated).")
+@click.option("--compose", multiple=True, default=["lowercase+exclude_word"], show_default=True,
+              metavar="A+B", help="Pairs of types to steer together (joint accuracy).")
+@click.option("--limit", type=int, default=None, help="At most N test prompts and N task questions.")
+@click.option("--max-tokens", "-n", type=int, default=48, show_default=True)
+@click.option("--reject-topk", type=int, default=20, show_default=True)
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("eval-results"),
+              show_default=True, help="Directory for results.json and results.md (a rerun resumes).")
+@threads_option
+@verbose_option
+def eval_(model_names, types, compose, limit, max_tokens, reject_topk, out, threads, verbose) -> None:
+    """Instruction-following accuracy, task fidelity and fluency with and without steering."""
+    type_list = [t for t in types.split(",") if t]
+    unknown = set(type_list) - set(ALL_TYPES.split(","))
+    if unknown:
+        raise click.ClickException(f"unknown instruction type(s): {', '.join(sorted(unknown))}")
+    pairs = []
+    for spec in compose:
+        a, sep, b = spec.partition("+")
+        if not sep or a not in ALL_TYPES.split(",") or b not in ALL_TYPES.split(","):
+            raise click.ClickException(f"bad --compose {spec!r}: use two types joined by +")
+        pairs.append((a, b))
+    models = [(name, api.load_model(name, verbose=verbose)) for name in model_names]
+    results = api.evaluate(models, type_list, out, limit=limit, max_tokens=max_tokens, topk=reject_topk,
+                           compose=pairs, log=click.echo)
+    png = out / "results.png"
+    click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}"
+               + (f", {png}" if png.is_file() else " (no plot: pip install 'localsteer[plot]')")
+               + f" ({len(results.data['cells'])} cells)")
 
 
 # --- doctor -------------------------------------------------------------------------------------

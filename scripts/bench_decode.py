@@ -31,12 +31,6 @@ def gen_speed(steerer: Steerer, prompt: list[int], n: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def vector_for(model, layers):
-    pairs = api.load_pairs(ROOT / "vectors" / "datasets" / "uppercase.jsonl")[:16]
-    v = api.extract_vector(model, pairs).vector
-    return v.only_layers(layers) * (1.0 / len(layers))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -44,8 +38,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     model = api.load_model(args.model)
-    layers = list(range(model.n_layer // 3, 2 * model.n_layer // 3 + 1))
-    vec = vector_for(model, layers)
+    steering = api.steering_from_specs(model, [f"{ROOT}/vectors/{args.model}/uppercase.gguf"])
+    vec, layers = steering.vector, list(steering.layers)
     prompt = api.chat_prompt(model, PROMPT)
     plain = Steerer(model, details=False)
     steered = Steerer(model, vec, layers, details=False)
@@ -55,7 +49,8 @@ def main() -> None:
         speeds["plain"].append(gen_speed(plain, prompt, args.tokens))
         speeds["steered"].append(gen_speed(steered, prompt, args.tokens))
     p, s = statistics.median(speeds["plain"]), statistics.median(speeds["steered"])
-    print(f"model {args.model}, {args.tokens} tokens greedy, vector on layers {layers[0]}-{layers[-1]}, "
+    print(f"model {args.model}, {args.tokens} tokens greedy, shipped uppercase vector on layers "
+          f"{layers[0]}-{layers[-1]}, "
           f"median of {args.repeats}")
     print(f"{'plain tok/s':>12}{'steered tok/s':>15}{'ratio':>8}")
     print(f"{p:>12.1f}{s:>15.1f}{s / p:>8.3f}")

@@ -76,17 +76,17 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=Rejection().topk)
     ap.add_argument("--draft", type=int, default=Rejection().draft)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--scale", type=float, default=1.0, help="vector scale (1: the suggested strength)")
     args = ap.parse_args()
     print(f"{default_threads()} threads; {args.tokens} tokens greedy; reject top-k {args.topk}, draft {args.draft}; "
-          f"uppercase vector (mean) on the middle third of the layers, total strength 2")
+          f"shipped uppercase vector at scale {args.scale:g} on its suggested layers")
     print(f"{'model':<30}{'llama-cpp':>10}{'plain':>14}{'steered':>14}{'naive':>14}{'fast':>14}"
           f"{'accepted':>10}  batch cost (k: x single)")
     for name in args.models.split(","):
         path = models.resolve(name)
         model = api.load_model(str(path))
-        layers = list(range(model.n_layer // 3, 2 * model.n_layer // 3 + 1))
-        pairs = api.load_pairs(ROOT / "vectors" / "datasets" / "uppercase.jsonl")
-        vec = api.extract_vector(model, pairs).vector.only_layers(layers) * (2.0 / len(layers))
+        steering = api.steering_from_specs(model, [f"{ROOT}/vectors/{name}/uppercase.gguf:{args.scale}"])
+        vec, layers = steering.vector, list(steering.layers)
         order = importance_order(model, vec, layers, models.quick_fingerprint(path))
         prompt_text = model.apply_chat_template([{"role": "user", "content": PROMPT}])
         prompt = model.tokenize(prompt_text)

@@ -1,0 +1,253 @@
+"""`localsteer eval`: does steering make the model follow instructions, and at what cost?
+
+For each model and instruction type, on the test split of `vectors/datasets/instructions/<type>.jsonl`,
+greedy replies are generated under six conditions:
+
+  plain           no instruction in the prompt, no steering
+  steer           no instruction, the instruction vector
+  instr           the instruction in the prompt, no steering
+  instr+steer     both
+  steer+rej       steer, with dynamic rejection
+  instr+steer+rej instr+steer, with dynamic rejection
+
+Each cell records constraint accuracy (the checker passes AND the reply is fluent: perplexity
+under the plain model at most `FLUENT_PPL`), the raw pass rate, task fidelity (the share of
+`vectors/datasets/tasks.jsonl` questions answered correctly under the same condition), the median
+perplexity and tokens/s. Results are saved after every cell, so a rerun skips finished cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import verify
+from .dataset import Pair
+from .measure import perplexity
+from .runtime import Model
+from .sampling import Sampling
+from .steer import Rejection, Steerer
+from .vector import ControlVector
+
+FLUENT_PPL = 10.0  # plain greedy replies measure 1.2-4 here; degenerate ones 20 to thousands
+CONDITIONS = ("plain", "steer", "instr", "instr+steer", "steer+rej", "instr+steer+rej")
+
+
+@dataclass(frozen=True)
+class Cell:
+    accuracy: float
+    pass_rate: float
+    fidelity: float
+    perplexity: float
+    tokens_per_second: float
+    n: int
+    sample: str
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _reply(model: Model, steerer: Steerer, user: str, max_tokens: int) -> tuple[str, list[int], list[int], float]:
+    import time
+    prompt = model.tokenize(model.apply_chat_template([{"role": "user", "content": user}]))
+    t0 = time.perf_counter()
+    toks = [e.token for e in steerer.generate(prompt, max_tokens, Sampling(temperature=0))]
+    dt = time.perf_counter() - t0
+    body = [t for t in toks if not model.is_eog(t)]
+    return model.detokenize(body), prompt, body, len(toks) / dt if dt > 0 else 0.0
+
+
+def run_cell(model: Model, condition: str, items: Sequence[dict], tasks: Sequence[dict],
+             vector: ControlVector | None, layers: Sequence[int], rejection: Rejection,
+             importance: Sequence[int] | None, checks: Sequence[dict], max_tokens: int) -> Cell:
+    """One (model, instruction, condition) cell. `checks` all must pass (composition)."""
+    with_instr = condition.startswith("instr")
+    steered = "steer" in condition
+    rej = rejection if condition.endswith("+rej") else None
+    st = Steerer(model, vector if steered else None, layers if steered else None, rej,
+                 importance if rej else None, details=False)
+    try:
+        passes, fluent_passes, ppls, speeds, sample = 0, 0, [], [], ""
+        for it in items:
+            user = f"{it['prompt']} {it['instruction']}" if with_instr else it["prompt"]
+            text, prompt, body, speed = _reply(model, st, user, max_tokens)
+            ok = all(verify.check(c, text) for c in checks)
+            ppl = perplexity(model, prompt, body) if body else float("inf")
+            passes += ok
+            fluent_passes += ok and ppl <= FLUENT_PPL
+            ppls.append(ppl)
+            speeds.append(speed)
+            sample = sample or text
+        correct = 0
+        for t in tasks:
+            user = f"{t['question']} {items[0]['instruction']}" if with_instr else t["question"]
+            text, *_ = _reply(model, st, user, max_tokens)
+            correct += verify.task_correct(t["answers"], text)
+    finally:
+        st.close()
+    n = len(items)
+    return Cell(fluent_passes / n, passes / n, correct / max(1, len(tasks)), statistics.median(ppls),
+                statistics.mean(speeds), n, sample[:200])
+
+
+class Results:
+    """results.json, rewritten atomically after every cell; finished cells are skipped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+
+    def get(self, key: str) -> dict | None:
+        return self.data["cells"].get(key)
+
+    def put(self, key: str, cell: Cell) -> None:
+        self.data["cells"][key] = cell.as_dict()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".part")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.data, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def markdown(results: dict) -> str:
+    rows: dict[tuple[str, str], dict[str, dict]] = {}
+    joint: list[str] = []
+    for key, cell in results["cells"].items():
+        model, itype, cond = key.split("|")
+        if itype.startswith("joint "):
+            joint.append(f"| {model} | {itype[6:]} | {cell['pass_rate']:.0%} | {cell['accuracy']:.0%} | "
+                         f"{cell['perplexity']:.1f} |")
+            continue
+        rows.setdefault((model, itype), {})[cond] = cell
+    lines = [f"Constraint accuracy (checker passes and perplexity <= {FLUENT_PPL:g}) / task fidelity / "
+             "median perplexity, greedy, test split.", "",
+             "| model | instruction | " + " | ".join(CONDITIONS) + " |", "|---|---|" + "---|" * len(CONDITIONS)]
+    for (model, itype), cells in sorted(rows.items()):
+        out = []
+        for c in CONDITIONS:
+            cell = cells.get(c)
+            out.append("" if cell is None else
+                       f"{cell['accuracy']:.0%} / {cell['fidelity']:.0%} / {cell['perplexity']:.1f}")
+        lines.append(f"| {model} | {itype} | " + " | ".join(out) + " |")
+    if joint:
+        lines += ["", "Composition: both constraints at once, no instruction in the prompt, steering with "
+                  "one vector or the sum.", "",
+                  "| model | constraints, steered by | joint pass | joint accuracy (fluent) | median perplexity |",
+                  "|---|---|---|---|---|", *joint]
+    return "\n".join(lines) + "\n"
+
+
+def pairs_of(items: Sequence[dict]) -> list[Pair]:
+    return [Pair(f"{it['prompt']} {it['instruction']}", it["prompt"]) for it in items]
+
+
+Progress = Callable[[str], None]
+
+
+def instruction_vector(model: Model, model_name: str, itype: str, datasets: Path, vectors: Path,
+                       cache: Path, model_sha256: str = "") -> ControlVector:
+    """The shipped instruction vector for (model, type), else one extracted now and cached."""
+    from .instruction import extract_instruction
+
+    for path in (vectors / model_name / "instructions" / f"{itype}.gguf", cache / model_name / f"{itype}.gguf"):
+        if path.is_file():
+            return ControlVector.load(path)
+    items = verify.load_instruction_set(datasets / "instructions" / f"{itype}.jsonl")
+    spec = items[0]["check"]
+    res = extract_instruction(model, pairs_of(verify.split(items, "train")),
+                              pairs_of(verify.split(items, "validation")),
+                              lambda text: verify.check(spec, text), name=f"{itype}.jsonl",
+                              model_sha256=model_sha256)
+    out = cache / model_name / f"{itype}.gguf"
+    res.vector.save(out, force=True)
+    return res.vector
+
+
+def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir: Path, datasets: Path,
+             vectors: Path, limit: int | None = None, max_tokens: int = 48, topk: int = 20,
+             compose: Sequence[tuple[str, str]] = (), log: Callable[[str], None] = print) -> Results:
+    """The whole grid; returns the results (also in out_dir/results.json and results.md)."""
+    from .importance import importance_order
+    from .models import quick_fingerprint
+
+    results = Results(out_dir / "results.json")
+    tasks = [json.loads(line) for line in (datasets / "tasks.jsonl").read_text().splitlines() if line.strip()]
+    tasks = tasks[:limit] if limit else tasks
+    rejection = Rejection(topk=topk)
+    for name, model in models:
+        fp = quick_fingerprint(model.path)
+        vecs: dict[str, ControlVector] = {}
+
+        def vec_for(itype: str) -> ControlVector:
+            if itype not in vecs:
+                vecs[itype] = instruction_vector(model, name, itype, datasets, vectors, out_dir / "vectors")
+            return vecs[itype]
+
+        def cell(key: str, items, vector, checks, conditions):
+            layers = list(vector.layers)
+            order = None
+            for cond in conditions:
+                k = f"{name}|{key}|{cond}"
+                if results.get(k) is not None:
+                    continue
+                if order is None and cond.endswith("+rej"):
+                    order = importance_order(model, vector, layers, fp)
+                c = run_cell(model, cond, items, tasks, vector, layers, rejection, order, checks, max_tokens)
+                results.put(k, c)
+                log(f"{name} {key:<24} {cond:<16} accuracy {c.accuracy:4.0%}  pass {c.pass_rate:4.0%}  "
+                    f"fidelity {c.fidelity:4.0%}  ppl {c.perplexity:6.1f}  {c.tokens_per_second:5.1f} tok/s")
+
+        for itype in types:
+            items = verify.split(verify.load_instruction_set(datasets / "instructions" / f"{itype}.jsonl"), "test")
+            items = items[:limit] if limit else items
+            cell(itype, items, vec_for(itype), [items[0]["check"]], CONDITIONS)
+        for a, b in compose:
+            items = verify.split(verify.load_instruction_set(datasets / "instructions" / f"{a}.jsonl"), "test")
+            items = items[:limit] if limit else items
+            check_b = verify.load_instruction_set(datasets / "instructions" / f"{b}.jsonl")[0]["check"]
+            checks = [items[0]["check"], check_b]
+            for label, vector in ((a, vec_for(a)), (b, vec_for(b)), (f"{a}+{b}", vec_for(a) + vec_for(b))):
+                cell(f"joint {a}&{b} by {label}", items, vector, checks, ("steer",))
+    (out_dir / "results.md").write_text(markdown(results.data))
+    plot(results.data, out_dir / "results.png")
+    return results
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    """A bar chart of constraint accuracy per instruction and condition (needs matplotlib,
+    `pip install localsteer[plot]`); returns None without it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows: dict[str, dict[str, float]] = {}
+    for key, cell in results["cells"].items():
+        model, itype, cond = key.split("|")
+        if not itype.startswith("joint "):
+            rows.setdefault(f"{model}\n{itype}", {})[cond] = cell["accuracy"]
+    if not rows:
+        return None
+    labels = sorted(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
+    width = 0.8 / len(CONDITIONS)
+    for i, cond in enumerate(CONDITIONS):
+        xs = [j + (i - len(CONDITIONS) / 2 + 0.5) * width for j in range(len(labels))]
+        ax.bar(xs, [100 * rows[lab].get(cond, 0.0) for lab in labels], width, label=cond)
+    ax.set_xticks(range(len(labels)), [lab.replace("qwen2.5-coder-", "qwen-") for lab in labels], fontsize=7)
+    ax.set_ylabel(f"constraint accuracy, % (fluent: ppl <= {FLUENT_PPL:g})")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
