@@ -153,8 +153,9 @@ def sampling_config(temperature: float = 0.8, top_k: int = 40, top_p: float = 0.
 
 
 def rejection_config(topk: int | None, minp: float = 0.0, recovery: str = "reset",
-                     draft: int = 8) -> Rejection | None:
-    return None if topk is None else Rejection(topk=topk, minp=minp, recovery=recovery, draft=draft)
+                     draft: int = Rejection.draft, schedule: str = Rejection.schedule) -> Rejection | None:
+    return None if topk is None else Rejection(topk=topk, minp=minp, recovery=recovery, draft=draft,
+                                               schedule=schedule)
 
 
 def chat_prompt(model: Model, prompt: str | Sequence[dict], raw: bool = False,

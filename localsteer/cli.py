@@ -220,7 +220,6 @@ def export(vectors, scale: float, layers: str | None, out: Path, force: bool) ->
     click.echo("use it with llama.cpp (scale and layers are baked in):")
     click.echo(f"  llama-cli -m MODEL.gguf --control-vector {out}")
     click.echo(f"  llama-server -m MODEL.gguf --control-vector {out}")
-    click.echo("  (add --no-repack for output token-identical to `localsteer generate`)")
 
 
 # --- eval ---------------------------------------------------------------------------------------

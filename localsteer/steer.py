@@ -24,6 +24,7 @@ from .sampling import Sampling, softmax
 from .vector import ControlVector, format_layers
 
 RECOVERY = ("reset", "hold", "gradual")
+SCHEDULES = ("halve", "one")
 
 
 @dataclass(frozen=True)
@@ -36,21 +37,26 @@ class Rejection:
       keeps the weakened set for the rest of the reply, "gradual" restores one layer per
       accepted token.
     draft: how many steered tokens to draft before one batched plain check (1: no drafting).
-      Up to 4, the drafted loop's output is identical to the token-by-token loop's on llama.cpp's
-      CPU backend; longer drafts are faster where batching is cheap (GPUs) but may differ in
-      rare near-ties, since llama.cpp's batched kernels round differently.
+      Up to 3, the drafted loop's output is identical to the token-by-token loop's on llama.cpp's
+      CPU backend (see `_Run._plain_append`); longer drafts are faster where batching is cheap
+      (GPUs) but may differ at rare near-ties, since llama.cpp's batched kernels round differently.
+    schedule: how steering is weakened at each rejection round: "halve" drops half of the active
+      layers (at least one), least important first; "one" drops a single layer per round.
     """
 
     topk: int = 20
     minp: float = 0.0
     recovery: str = "reset"
-    draft: int = 4
+    draft: int = 3
+    schedule: str = "halve"
 
     def __post_init__(self):
         if self.topk < 1:
             raise ValueError("reject top-k must be at least 1")
         if self.draft < 1:
             raise ValueError("draft must be at least 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}")
         if self.recovery not in RECOVERY:
             raise ValueError(f"recovery must be one of {RECOVERY}")
 
@@ -186,11 +192,10 @@ class _Weakening:
         return _Weakening(self.steerer, self.active)
 
     def weaken(self) -> None:
-        for il in self.steerer.importance:  # least important first
-            if il in self.active:
-                self.active = tuple(x for x in self.active if x != il)
-                return
-        self.active = ()
+        rej = self.steerer.rejection
+        n = max(1, len(self.active) // 2) if rej is not None and rej.schedule == "halve" else 1
+        drop = [il for il in self.steerer.importance if il in self.active][:n]  # least important first
+        self.active = tuple(il for il in self.active if il not in drop) if len(drop) == n else ()
 
     def after_token(self) -> None:
         rej = self.steerer.rejection
@@ -319,10 +324,11 @@ class _Run:
         """Decode `toks` at positions start.. on the plain context; their logits `(n, n_vocab)`.
 
         llama.cpp's CPU kernels give a token slightly different logits (and cache entries) in a
-        batch of one than in a batch of several, but the same in any batch of 2 to 5 tokens
-        (measured, see the README). So every plain decode after the prompt's head is a batch of
-        2 to 5: a lone token is decoded again with its predecessor, whose cache entry comes out
-        the same. That keeps the drafted loop's choices bit-identical to the token-by-token one.
+        batch of one than in a batch of several, and with repacked weights also in batches of
+        4 or more than in batches of 2 or 3 (measured, see the README). So every plain decode
+        after the prompt's head is a batch of 2 or 3 (draft <= 3): a lone token is decoded again
+        with its predecessor, whose cache entry comes out the same. That keeps the drafted
+        loop's choices bit-identical to the token-by-token one.
         """
         plain = self.s._plain
         if len(toks) == 1:

@@ -62,7 +62,7 @@ def test_steering_rejected_everywhere_is_plain_decoding(smol, vector, sampling):
 def test_drafted_output_equals_token_by_token(smol, vector, sampling, recovery):
     layers = list(range(6, 20))
     v = vector.only_layers(layers) * 8.0
-    st = Steerer(smol, v, layers, Rejection(topk=8, recovery=recovery, draft=6), importance=layers)
+    st = Steerer(smol, v, layers, Rejection(topk=8, recovery=recovery), importance=layers)
     rejected = 0
     for p in PROMPTS:
         slow = events(smol, st, p, n=48, sampling=sampling, fast=False)
@@ -104,3 +104,32 @@ def test_sensitivity_ranking_is_stable_and_cached(smol, smol_path, vector, monke
     data["kl"] = {str(il): float(-il) for il in layers}
     cached[0].write_text(json.dumps(data))
     assert importance.importance_order(smol, v, layers, fp) == sorted(layers, reverse=True)
+
+
+@pytest.mark.parametrize("schedule", ["halve", "one"])
+def test_drafted_equals_token_by_token_on_qwen(qwen05, schedule):
+    # Q4_K weights are repacked for llama.cpp's batched kernels: the case where batch size matters
+    vec = api.load_vector(Path(__file__).parent.parent / "vectors" / "qwen2.5-coder-0.5b-instruct" / "uppercase.gguf")
+    layers = list(vec.suggested_layers)
+    st = Steerer(qwen05, vec.only_layers(layers) * 2.0, layers, Rejection(topk=10, schedule=schedule),
+                 importance=layers)
+    slow = events(qwen05, st, PROMPTS[0], n=40, sampling=SAMPLED, fast=False)
+    fast = events(qwen05, st, PROMPTS[0], n=40, sampling=SAMPLED, fast=True)
+    assert [(e.token, e.status, e.rounds, e.layers) for e in fast] == [(e.token, e.status, e.rounds, e.layers) for e in slow]
+    assert any(e.rounds > 0 for e in slow)
+
+
+def test_halving_schedule_drops_half_the_layers_least_important_first(smol, vector):
+    layers = list(range(6, 14))
+    order = [9, 6, 13, 7, 8, 12, 10, 11]  # least important first
+    st = Steerer(smol, vector.only_layers(layers), layers, Rejection(topk=1, schedule="halve"), importance=order)
+    from localsteer.steer import _Weakening
+    w = _Weakening(st)
+    w.weaken()
+    assert w.active == (8, 10, 11, 12)
+    w.weaken()
+    assert w.active == (10, 11)
+    w.weaken()
+    assert w.active == (11,)
+    w.weaken()
+    assert w.active == ()
