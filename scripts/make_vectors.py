@@ -1,7 +1,10 @@
 """Extract the vectors shipped in vectors/<model>/ from the datasets in vectors/datasets/,
 and print a greedy sample (plain, and steered at the suggested scale and its negative) for each.
+With --instructions, the instruction vectors in vectors/<model>/instructions/ instead (one layer
+chosen on the validation split; prints the validation accuracy per candidate layer).
 
     .venv/bin/python scripts/make_vectors.py [--models smollm2-135m-instruct,...] [--force]
+    .venv/bin/python scripts/make_vectors.py --instructions [--types lowercase,json] [--models ...]
 """
 
 from __future__ import annotations
@@ -29,7 +32,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--instructions", action="store_true")
+    ap.add_argument("--types", default="lowercase,uppercase,json,include_word,exclude_word,short,no_commas")
     args = ap.parse_args()
+    if args.instructions:
+        for name in args.models.split(","):
+            model = api.load_model(name)
+            for itype in args.types.split(","):
+                out = ROOT / "vectors" / name / "instructions" / f"{itype}.gguf"
+                if out.exists() and not args.force:
+                    continue
+                res = api.extract_instruction_vector(model, ROOT / "vectors" / "datasets" / "instructions"
+                                                     / f"{itype}.jsonl")
+                res.vector.save(out, force=True)
+                print(f"{name} {itype}: layer {res.layer}, weight {res.weight:.2f}, validation accuracy "
+                      + " ".join(f"{s.layer}:{s.accuracy:.0%}" for s in res.scores)
+                      + f" ({res.seconds:.0f} s)", flush=True)
+            model.close()
+        return
     for name in args.models.split(","):
         model = api.load_model(name)
         for ds, prompt in DATASETS.items():

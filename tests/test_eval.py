@@ -1,0 +1,43 @@
+"""`localsteer eval` end to end on the real Qwen2.5-Coder-0.5B model, with --limit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_eval_grid_runs_resumes_and_reports(tmp_path):
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "localsteer.cli", "eval", "--model", "qwen2.5-coder-0.5b-instruct",
+           "--types", "lowercase", "--compose", "lowercase+exclude_word", "--limit", "2", "-n", "24",
+           "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert first.returncode == 0, first.stderr
+    data = json.loads((out / "results.json").read_text())
+    cells = data["cells"]
+    conds = ["plain", "steer", "instr", "instr+steer", "steer+rej", "instr+steer+rej"]
+    for c in conds:
+        cell = cells[f"qwen2.5-coder-0.5b-instruct|lowercase|{c}"]
+        assert cell["n"] == 2 and 0 <= cell["accuracy"] <= cell["pass_rate"] <= 1
+        assert cell["perplexity"] > 1 and cell["tokens_per_second"] > 0
+    # the verifier really ran: the plain model does not write in lowercase by itself
+    assert cells["qwen2.5-coder-0.5b-instruct|lowercase|plain"]["pass_rate"] == 0
+    assert any(k.startswith("qwen2.5-coder-0.5b-instruct|joint lowercase&exclude_word by lowercase+exclude_word")
+               for k in cells)
+    md = (out / "results.md").read_text()
+    assert "| qwen2.5-coder-0.5b-instruct | lowercase |" in md and "Composition" in md
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun finds every cell done and computes nothing
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert second.returncode == 0 and "accuracy" not in second.stdout
+    assert json.loads((out / "results.json").read_text()) == data
+
+
+def test_eval_rejects_unknown_types(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "localsteer.cli", "eval", "--types", "klingon",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and "unknown instruction type(s): klingon" in proc.stderr
