@@ -302,23 +302,30 @@ class _Run:
             return self.sampling.choose(p_logits, step, 0), status, rounds, s_logits
         return tok, ("steered" if rounds == 0 and state.active == state.full else "weakened"), rounds, s_logits
 
+    def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening):
+        """Resolve one token with rejection, yield its event, and feed it to both contexts.
+        Returns the next (steered, plain) logits, or None when the reply is over."""
+        self.s._apply(state.active)
+        tok, status, rounds, s_logits = self._resolve(s_logits, p_logits, state)
+        ev = self._event(tok, status, rounds, state.active, s_logits, p_logits)
+        self.history.append(tok)
+        yield ev
+        if self._done(tok):
+            return None
+        state.after_token()
+        self.s._apply(state.active)
+        pos = len(self.history) - 1
+        self.s._steered.decode([tok], [pos], [0], [True])
+        return self.s._steered.logits(), self._plain_append([tok], pos)[0]
+
     def checked(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """The token-by-token rejection loop (the reference for the drafted one)."""
-        steered = self.s._steered
         while True:
             state = self._refresh(state)
-            self.s._apply(state.active)
-            tok, status, rounds, s_logits = self._resolve(s_logits, p_logits, state)
-            ev = self._event(tok, status, rounds, state.active, s_logits, p_logits)
-            self.history.append(tok)
-            yield ev
-            if self._done(tok):
+            nxt = yield from self._checked_step(s_logits, p_logits, state)
+            if nxt is None:
                 return
-            state.after_token()
-            self.s._apply(state.active)
-            pos = len(self.history) - 1
-            steered.decode([tok], [pos], [0], [True])
-            s_logits, p_logits = steered.logits(), self._plain_append([tok], pos)[0]
+            s_logits, p_logits = nxt
 
     def _plain_append(self, toks: list[int], start: int) -> np.ndarray:
         """Decode `toks` at positions start.. on the plain context; their logits `(n, n_vocab)`.
@@ -387,26 +394,8 @@ class _Run:
             pos = len(self.history)
             steered.remove(0, pos, -1)
             plain.remove(0, pos, -1)
-            tok_state = drafts[j][2]
-            s_cur, p_cur = drafts[j][1], plain_logits[j]
-            self.s._apply(tok_state.active)
-            tok, status, rounds, s_cur = self._resolve(s_cur, p_cur, tok_state)
-            ev = self._event(tok, status, rounds, tok_state.active, s_cur, p_cur)
-            self.history.append(tok)
-            yield ev
-            if self._done(tok):
+            state = drafts[j][2]
+            nxt = yield from self._checked_step(drafts[j][1], plain_logits[j], state)
+            if nxt is None:
                 return
-            tok_state.after_token()
-            state = tok_state
-            self.s._apply(state.active)
-            steered.decode([tok], [pos], [0], [True])
-            s_logits, p_logits = steered.logits(), self._plain_append([tok], pos)[0]
-
-
-def compose(model: Model, vectors: Sequence[tuple[ControlVector, float]]) -> ControlVector | None:
-    """The weighted sum of `(vector, scale)` pairs, each checked against `model`."""
-    if not vectors:
-        return None
-    fitted = [v.fit(model.arch, model.n_layer, model.n_embd, v.meta.get("source_file", "vector")) * s
-              for v, s in vectors]
-    return sum(fitted[1:], fitted[0])
+            s_logits, p_logits = nxt
