@@ -202,6 +202,33 @@ def _stream_echo(text: str) -> None:
     sys.stdout.flush()
 
 
+# --- chat ---------------------------------------------------------------------------------------
+
+@main.command()
+@model_option
+@click.option("--vector", "-v", "vectors", multiple=True, metavar="PATH[:SCALE]",
+              help="Control vector to start with, switched on; repeat to compose. The panel also "
+                   "lists the shipped and your own vectors for the model.")
+@click.option("--layers", "-l", default=None, help="Active layers, e.g. 8-16 (default: the vectors').")
+@click.option("--reject-topk", type=int, default=None,
+              help="Start with dynamic rejection on, at this top-k.")
+@click.option("--max-tokens", "-n", type=int, default=256, show_default=True, help="Per reply.")
+@click.option("--temperature", "--temp", type=float, default=0.8, show_default=True,
+              help="0 for greedy decoding.")
+@click.option("--seed", "-s", type=int, default=None, help="Sampling seed (default: random).")
+@threads_option
+@gpu_option
+def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, threads, gpu_layers) -> None:
+    """Chat with a model in the terminal, steering it as you go."""
+    from localsteer_tui import ChatOptions, run
+
+    if reject_topk is not None and reject_topk < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--reject-topk")
+    run(ChatOptions(model=model, vectors=tuple(vectors), layers=layers, reject_topk=reject_topk,
+                    max_tokens=max_tokens, sampling=api.sampling_config(temperature=temperature, seed=seed),
+                    threads=threads, gpu_layers=gpu_layers))
+
+
 # --- export -------------------------------------------------------------------------------------
 
 @main.command()

@@ -120,7 +120,8 @@ class Steerer:
         order = [il for il in (importance or []) if il in self.layers]
         self.importance = tuple(order + [il for il in self.layers if il not in order])
         self._applied: tuple[int, ...] | None = None
-        self._dirty = True
+        self._dirty = True  # the control vector must be set again
+        self._reconfigured = True  # a reply in progress must restart its layer set
 
     # contexts are made on first use and reused across replies
     def _contexts(self) -> tuple[Context, Context | None]:
@@ -158,6 +159,7 @@ class Steerer:
         steered, plain = self._contexts()
         steered.clear()
         self._dirty = True
+        self._reconfigured = False
         state = _Weakening(self)
         self._apply(state.active)
         steered.decode_sequence(prompt, 0)
@@ -227,7 +229,10 @@ class _Run:
 
     def _refresh(self, state: _Weakening) -> _Weakening:
         """A fresh layer set when `configure()` changed the steering in the middle of a reply."""
-        return _Weakening(self.s) if self.s._dirty else state
+        if not self.s._reconfigured:
+            return state
+        self.s._reconfigured = False
+        return _Weakening(self.s)
 
     def _done(self, token: int) -> bool:
         return self.model.is_eog(token) or self.step >= self.max_tokens

@@ -133,3 +133,15 @@ def test_halving_schedule_drops_half_the_layers_least_important_first(smol, vect
     assert w.active == (11,)
     w.weaken()
     assert w.active == ()
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["token-by-token", "drafted"])
+def test_reconfiguring_mid_reply_takes_effect(smol, vector, fast):
+    layers = list(range(6, 20))
+    st = Steerer(smol, vector.only_layers(layers) * 2.0, layers, Rejection(topk=smol.n_vocab), importance=layers)
+    seen = []
+    for ev in st.generate(api.chat_prompt(smol, PROMPTS[0]), 24, GREEDY, fast=fast):
+        seen.append(ev.layers)
+        if ev.index == 5:
+            st.configure(vector.only_layers([8, 9]) * 2.0, [8, 9], Rejection(topk=smol.n_vocab), [8, 9])
+    assert seen[0] == tuple(layers) and seen[-1] == (8, 9)

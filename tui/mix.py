@@ -1,0 +1,98 @@
+"""The steering the user dials in on the panel: which vectors at what strengths, on which layers,
+with or without rejection; how it reaches the generation worker; and how it is exported."""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from localsteer import api
+from localsteer.runtime import Model
+from localsteer.steer import Rejection
+from localsteer.vector import ControlVector, format_layers
+
+
+@dataclass(frozen=True)
+class MixSettings:
+    """What the panel shows: the vectors switched on with their strengths, the layer range
+    (e.g. "7-24"), rejection on/off and its top-k."""
+
+    parts: tuple[tuple[Path, float], ...] = ()
+    layers: str = ""
+    reject: bool = False
+    topk: int = 20
+
+    def specs(self) -> list[str]:
+        return [f"{path}:{scale!r}" for path, scale in self.parts]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A mix resolved against the model: what the worker passes to `Steerer.configure`."""
+
+    steering: api.Steering
+    rejection: Rejection | None
+
+    def describe(self) -> str:
+        text = "no steering" if self.steering.vector is None else self.steering.describe()
+        return text + (f"; reject top-{self.rejection.topk}" if self.rejection else "")
+
+
+PLAIN = Choice(api.Steering(None, ()), None)
+
+
+def choose(model: Model, settings: MixSettings) -> Choice:
+    """The mix for `model`; raises `LocalsteerError` (bad layers, a vector that does not fit)
+    or `ValueError` (bad top-k)."""
+    steering = api.steering_from_specs(model, settings.specs(), settings.layers or None)
+    return Choice(steering, api.rejection_config(settings.topk if settings.reject else None))
+
+
+class Mailbox:
+    """The latest `Choice` the UI asked for. The UI puts; the generation worker takes it between
+    two tokens, so `Steerer.configure` is only ever called from the worker's thread."""
+
+    def __init__(self, choice: Choice = PLAIN):
+        self._lock = threading.Lock()
+        self._choice = choice
+        self._version = 0
+
+    def put(self, choice: Choice) -> None:
+        with self._lock:
+            self._choice = choice
+            self._version += 1
+
+    def latest(self) -> tuple[int, Choice]:
+        with self._lock:
+            return self._version, self._choice
+
+    def newer(self, version: int) -> tuple[int, Choice] | None:
+        """The latest choice if it changed since `version`."""
+        with self._lock:
+            return (self._version, self._choice) if self._version != version else None
+
+
+def export(choice: Choice, path: Path, force: bool = False) -> ControlVector:
+    """Bake the mix (strengths and layers) into one GGUF control vector at `path`."""
+    steering = choice.steering
+    if steering.vector is None:
+        raise ValueError("switch on at least one vector to export a mix")
+    specs = [f"{p}:{s!r}" for p, s in steering.parts]
+    baked = api.bake(specs, 1.0, format_layers(steering.layers))
+    baked.save(path, force=force)
+    return baked
+
+
+def llama_cpp_commands(model_path: Path, choice: Choice, baked: Path) -> list[str]:
+    """llama.cpp command lines that steer like this mix: the baked file, and (when the layers
+    are one contiguous range) the original files with their scales."""
+    q = shlex.quote
+    lines = [f"llama-cli -m {q(str(model_path))} --control-vector {q(str(baked))}"]
+    layers = choice.steering.layers
+    if layers and layers[-1] - layers[0] + 1 == len(layers):
+        scaled = " ".join(f"--control-vector-scaled {q(f'{p}:{s:g}')}" for p, s in choice.steering.parts)
+        lines.append(f"llama-cli -m {q(str(model_path))} {scaled} "
+                     f"--control-vector-layer-range {layers[0]} {layers[-1]}")
+    return lines

@@ -1,0 +1,35 @@
+"""What `localsteer chat` was asked for on the command line, as one value the app starts from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localsteer import api, models
+from localsteer.sampling import Sampling
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """Options of one chat session.
+
+    `vectors` are `PATH[:SCALE]` specs switched on at the start; the panel also lists the shipped
+    vectors for the model (`shipped_dir/<model name>/*.gguf`) and the user's (`user_dir`), off.
+    """
+
+    model: str = models.DEFAULT_MODEL
+    vectors: tuple[str, ...] = ()
+    layers: str | None = None
+    reject_topk: int | None = None
+    max_tokens: int = 256
+    sampling: Sampling = field(default_factory=api.sampling_config)
+    threads: int | None = None
+    gpu_layers: int = 999
+    user_dir: Path = field(default_factory=lambda: models.home() / "vectors")
+    shipped_dir: Path = api.REPO / "vectors"
+    datasets_dir: Path = api.REPO / "vectors" / "datasets"
+
+    @property
+    def model_label(self) -> str:
+        """The model as the user named it: a known name, or the file's name."""
+        return self.model if self.model in models.KNOWN_MODELS else Path(self.model).name

@@ -1,0 +1,1 @@
+"""The chat app's dialogs and its compare screen, one per module."""

@@ -1,0 +1,151 @@
+"""The loaded model and the one `Steerer` every reply goes through.
+
+Only worker threads call into a `Session`, and only one at a time (`hold`): llama.cpp contexts
+are not thread-safe, and a reply and an extraction must not share the model at once. Whoever
+comes second waits (queues) until the first is done or cancelled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+from localsteer import api, models
+from localsteer.dataset import Pair
+from localsteer.importance import importance_order
+from localsteer.runtime import Model, backend_devices
+from localsteer.sampling import Sampling
+from localsteer.steer import TokenEvent
+from localsteer.vector import ControlVector
+
+from .conversation import ReplyStats
+from .mix import Choice, Mailbox
+
+Cancelled = Callable[[], bool]
+
+
+class Stopped(Exception):
+    """A worker was cancelled while it waited for the model or extracted."""
+
+
+def backend_name() -> str:
+    """"CUDA", "Metal" or "CPU": where llama.cpp runs (as `localsteer doctor` says)."""
+    names = [name for name, _ in backend_devices()]
+    if any(n.startswith("CUDA") for n in names):
+        return "CUDA"
+    if any(n.startswith(("Metal", "MTL")) for n in names):
+        return "Metal"
+    return "CPU"
+
+
+class Session:
+    def __init__(self, model: Model, n_threads: int | None = None, n_ctx: int = 4096):
+        self.model = model
+        self.n_ctx = n_ctx
+        self.steerer = api.make_steerer(model, api.Steering(None, ()), None, n_threads=n_threads, n_ctx=n_ctx)
+        self._lock = threading.Lock()
+        self._fingerprint: str | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.steerer.close()
+            self.model.close()
+
+    @contextmanager
+    def hold(self, cancelled: Cancelled, waiting: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Exclusive use of the model; `waiting()` is called once if someone else has it."""
+        if not self._lock.acquire(blocking=False):
+            waiting()
+            while not self._lock.acquire(timeout=0.1):
+                if cancelled():
+                    raise Stopped()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # --- replies --------------------------------------------------------------------------------
+
+    def prompt(self, messages: Sequence[dict], max_tokens: int) -> tuple[list[int], int]:
+        """Prompt tokens for the conversation, and how many of its oldest messages were left out
+        so that the reply still fits the context."""
+        messages = list(messages)
+        dropped = 0
+        while True:
+            tokens = api.chat_prompt(self.model, messages)
+            if len(tokens) + min(max_tokens, 128) <= self.n_ctx:
+                return tokens, dropped
+            if len(messages) <= 1:
+                raise ValueError(f"the message is too long for the {self.n_ctx}-token context")
+            messages = messages[2:] if len(messages) > 2 else messages[1:]
+            dropped += 2
+
+    def _importance(self, choice: Choice, status: Callable[[str], None]) -> list[int] | None:
+        steering = choice.steering
+        if choice.rejection is None or steering.vector is None:
+            return None
+        if self._fingerprint is None:
+            self._fingerprint = models.quick_fingerprint(self.model.path)
+        status("ranking layers for rejection (once per mix)…")
+        return importance_order(self.model, steering.vector, steering.layers, self._fingerprint)
+
+    def reply(self, messages: Sequence[dict], mailbox: Mailbox | Choice, max_tokens: int, sampling: Sampling,
+              cancelled: Cancelled, on_token: Callable[[TokenEvent, bool, float], None],
+              on_applied: Callable[[int, Choice], None],
+              status: Callable[[str], None] = lambda text: None) -> tuple[str, ReplyStats]:
+        """Generate a reply to `messages`, steered by the mailbox's latest choice, which may
+        change between two tokens. Returns the reply text and its figures."""
+        with self.hold(cancelled, lambda: status("waiting for the model…")):
+            prompt, dropped = self.prompt(messages, max_tokens)
+            box = mailbox if isinstance(mailbox, Mailbox) else Mailbox(mailbox)
+            version, choice = box.latest()
+            importance = self._importance(choice, status)
+            self._configure(choice, importance)
+            on_applied(0, choice)
+            status(f"left out the {dropped} oldest messages to fit the context" if dropped else "")
+            tokens: list[int] = []
+            steered = 0
+            stopped = False
+            t0 = time.perf_counter()
+            events = self.steerer.generate(prompt, max_tokens, sampling)
+            try:
+                for ev in events:
+                    eog = self.model.is_eog(ev.token)
+                    tokens.append(ev.token)
+                    steered += ev.status == "steered"
+                    on_token(ev, eog, time.perf_counter() - t0)
+                    if cancelled():
+                        stopped = not eog
+                        break
+                    change = box.newer(version)
+                    if change:
+                        # between two tokens: the next one is chosen with the new mix; layer
+                        # importance stays the one ranked for the reply's first mix
+                        version, choice = change
+                        self._configure(choice, importance)
+                        on_applied(ev.index + 1, choice)
+            finally:
+                events.close()
+            seconds = time.perf_counter() - t0
+            text = self.model.detokenize([t for t in tokens if not self.model.is_eog(t)])
+            return text, ReplyStats(len(tokens), seconds, steered, len(prompt), stopped)
+
+    def _configure(self, choice: Choice, importance: list[int] | None) -> None:
+        s = choice.steering
+        self.steerer.configure(s.vector, s.layers or None, choice.rejection, importance)
+
+    # --- extraction -----------------------------------------------------------------------------
+
+    def extract(self, pairs: Sequence[Pair], method: str, dataset_name: str,
+                progress: Callable[[int, int], None], cancelled: Cancelled,
+                waiting: Callable[[], None] = lambda: None) -> ControlVector:
+        def step(done: int, total: int) -> None:
+            if cancelled():
+                raise Stopped()
+            progress(done, total)
+
+        with self.hold(cancelled, waiting):
+            return api.extract_vector(self.model, pairs, method=method, dataset_name=dataset_name,
+                                      progress=step).vector
