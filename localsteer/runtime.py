@@ -143,7 +143,8 @@ class Model:
     def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 999, verbose: bool = False,
                  repack: bool = True):
         """`repack` lets llama.cpp's CPU backend repack weights for its faster kernels (as
-        llama.cpp does by default; worth 40% on Qwen2.5-1.5B here)."""
+        llama.cpp does by default; scripts/bench_rejection.py measured 17.5 vs 12.3 tok/s
+        with and without it on Qwen2.5-1.5B here)."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
