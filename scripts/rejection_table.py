@@ -44,7 +44,7 @@ def main() -> None:
     steer = api.steering_from_specs(model, [f"{vec_path}:{args.scale}"])
     variants = [("plain", None, None), ("steered", steer, None)]
     for k in (5, 20, 50):
-        for rec in ("reset", "gradual", "hold"):
+        for rec in ("reset", "hold"):
             variants.append((f"rejection k={k} {rec}", steer, api.rejection_config(k, recovery=rec)))
     greedy = api.sampling_config(temperature=0)
     rows, samples = [], {}
