@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
-from textual.screen import ModalScreen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Static
 
 
@@ -35,3 +38,17 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def action_answer(self, yes: bool) -> None:
         self.dismiss(yes)
+
+
+def write_to_typed_path(screen: Screen, typed: str, hint: str, write: Callable[[Path, bool], None]) -> None:
+    """Call `write(path, force)` for the path the user typed, asking first if the file exists."""
+    text = typed.strip()
+    if not text:
+        screen.notify(hint, severity="warning", markup=False)
+        return
+    path = Path(text).expanduser()
+    if path.exists():
+        screen.app.push_screen(ConfirmScreen(f"{path} exists. Overwrite it?"),
+                               lambda yes: write(path, True) if yes else None)
+    else:
+        write(path, False)

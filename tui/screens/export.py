@@ -17,7 +17,7 @@ from localsteer.errors import LocalsteerError
 from localsteer.vector import format_layers
 
 from .. import mix
-from .confirm import ConfirmScreen
+from .confirm import write_to_typed_path
 
 
 class ExportScreen(ModalScreen[Path | None]):
@@ -50,16 +50,7 @@ class ExportScreen(ModalScreen[Path | None]):
     @on(Button.Pressed, "#export")
     @on(Input.Submitted, "#path")
     def _export(self) -> None:
-        text = self.query_one("#path", Input).value.strip()
-        if not text:
-            self.notify("type a path for the .gguf file", severity="warning", markup=False)
-            return
-        path = Path(text).expanduser()
-        if path.exists():
-            self.app.push_screen(ConfirmScreen(f"{path} exists. Overwrite it?"),
-                                 lambda yes: self._write(path, force=True) if yes else None)
-        else:
-            self._write(path, force=False)
+        write_to_typed_path(self, self.query_one("#path", Input).value, "type a path for the .gguf file", self._write)
 
     def _write(self, path: Path, force: bool) -> None:
         try:

@@ -14,7 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, RadioButton, RadioSet
 
 from ..conversation import Conversation
-from .confirm import ConfirmScreen
+from .confirm import write_to_typed_path
 
 
 class SaveScreen(ModalScreen[Path | None]):
@@ -55,16 +55,7 @@ class SaveScreen(ModalScreen[Path | None]):
     @on(Button.Pressed, "#save")
     @on(Input.Submitted, "#path")
     def _save(self) -> None:
-        text = self.query_one("#path", Input).value.strip()
-        if not text:
-            self.notify("type a path to save to", severity="warning", markup=False)
-            return
-        path = Path(text).expanduser()
-        if path.exists():
-            self.app.push_screen(ConfirmScreen(f"{path} exists. Overwrite it?"),
-                                 lambda yes: self._write(path, force=True) if yes else None)
-        else:
-            self._write(path, force=False)
+        write_to_typed_path(self, self.query_one("#path", Input).value, "type a path to save to", self._write)
 
     def _write(self, path: Path, force: bool) -> None:
         try:
