@@ -3,9 +3,11 @@
 Each active layer is steered alone and the KL divergence KL(plain || steered-at-that-layer) of
 the next-token distribution is averaged over a few built-in prompts. Dynamic rejection drops the
 layers with the smallest KL first. Results are cached under $LOCALSTEER_HOME/importance, keyed by
-the model's fingerprint and the vector's content, so they are computed once (a key, not a
-sidecar file, because mixes of vectors have no file of their own and shipped vectors may be
-read-only).
+the model's fingerprint, the layers and the vector's *direction* (the vector divided by its norm,
+sign kept), so they are computed once per direction: the ranking is measured at the strength first
+used and reused when the user turns the strength up or down, which moves every layer's KL but
+rarely their order. A key, not a sidecar file, because mixes of vectors have no file of their own
+and shipped vectors may be read-only.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def layer_kl(model: Model, vector: ControlVector, layers: Sequence[int]) -> dict
 def _key(model_fingerprint: str, vector: ControlVector, layers: Sequence[int]) -> str:
     h = hashlib.sha256()
     h.update(model_fingerprint.encode())
-    h.update(np.ascontiguousarray(vector.directions).tobytes())
+    d = np.asarray(vector.directions, dtype=np.float64)
+    norm = float(np.linalg.norm(d))
+    # the direction, rounded so that v and 3 * v / 3 give the same key
+    unit = np.round(d / norm, 6) if norm > 0 else d
+    h.update(np.ascontiguousarray(unit.astype(np.float32)).tobytes())
     h.update(",".join(map(str, sorted(layers))).encode())
     return h.hexdigest()[:32]
 

@@ -3,7 +3,8 @@
 # reply, and prints the screen (tmux capture-pane). Extra arguments go to `localsteer chat`.
 #
 #   scripts/tui_demo.sh                      # happy-sad vector at 4, rejection top-10, greedy
-#   MESSAGE="Describe a rainy day." scripts/tui_demo.sh --threads 1 --max-tokens 64
+#   MESSAGE="Describe a rainy day." scripts/tui_demo.sh --vector vectors/smollm2-135m-instruct/happy-sad.gguf:2 --threads 1
+# Arguments replace the default vector and rejection setting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +16,10 @@ MESSAGE=${MESSAGE:-"How was your day?"}
 SESSION="localsteer-demo-$$"
 WIDTH=${WIDTH:-100} HEIGHT=${HEIGHT:-30}
 
-cmd=("$LOCALSTEER" chat --temperature 0 --max-tokens 48
-     --vector vectors/smollm2-135m-instruct/happy-sad.gguf:4 --reject-topk 10 "$@")
+if (($# == 0)); then
+    set -- --vector vectors/smollm2-135m-instruct/happy-sad.gguf:4 --reject-topk 10
+fi
+cmd=("$LOCALSTEER" chat --temperature 0 --max-tokens 48 "$@")
 tmux new-session -d -s "$SESSION" -x "$WIDTH" -y "$HEIGHT" "$(printf '%q ' "${cmd[@]}")"
 trap 'tmux kill-session -t "$SESSION" 2>/dev/null || true' EXIT
 

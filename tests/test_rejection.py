@@ -104,6 +104,10 @@ def test_sensitivity_ranking_is_stable_and_cached(smol, smol_path, vector, monke
     data["kl"] = {str(il): float(-il) for il in layers}
     cached[0].write_text(json.dumps(data))
     assert importance.importance_order(smol, v, layers, fp) == sorted(layers, reverse=True)
+    # the key is the direction: another strength hits the same entry, the opposite sign does not
+    assert importance.importance_order(smol, v * 0.25, layers, fp) == sorted(layers, reverse=True)
+    importance.importance_order(smol, v * -1.0, layers, fp)
+    assert len(list((tmp_path / "importance").glob("*.json"))) == 2
 
 
 @pytest.mark.parametrize("schedule", ["halve", "one"])

@@ -106,6 +106,9 @@ def last_reply(app: ChatApp):
 
 
 def rendered(widget) -> str:
+    if isinstance(widget, StatusBar):
+        # the long labels; test_status_bar_fits_80_columns checks the fit
+        return widget.line(10_000) + (f" │ {widget.note}" if widget.note else "")
     return str(widget.render())
 
 
@@ -503,6 +506,25 @@ async def test_a_missing_model_is_notified(tmp_path):
         await pilot.press(*"Hi", "enter", "f2", "f5")
         await pilot.pause()
         assert app.is_running and "no model" in rendered(app.query_one(StatusBar))
+
+
+@drive
+async def test_status_bar_fits_80_columns(smol, tmp_path):
+    app = make_app(tmp_path, vectors=(f"{SMOL_VECTORS / 'happy-sad.gguf'}:2",), reject_topk=20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        bar = app.query_one(StatusBar)
+        bar.tokens_per_second, bar.acceptance = 123.4, 0.87
+        await pilot.pause()
+        text = str(bar.render())
+        assert 76 <= bar.size.width <= 80 and len(text) <= bar.size.width, text
+        for item in ("smollm2", "123.4", "87%", "7-24", "20"):
+            assert item in text, text
+        assert "tok/s" in bar.line(200) and "reject top-20" in bar.line(200)
+        bar.model = "a-model-with-a-very-long-name-that-cannot-fit-in-any-status-bar-of-eighty-columns"
+        await pilot.pause()
+        text = str(bar.render())
+        assert len(text) <= bar.size.width and "…" in text and "87%" in text, text
 
 
 # --- the look -----------------------------------------------------------------------------------

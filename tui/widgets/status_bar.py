@@ -1,10 +1,18 @@
-"""The status bar: model, backend, speed and full-steering acceptance of the reply, active layers."""
+"""The status bar: model, backend, speed and full-steering acceptance of the reply, active layers.
+
+It fits its width: when the full line is too long it switches to short labels, then narrower
+separators, then shortens the model name, so an 80-column terminal still shows every item.
+"""
 
 from __future__ import annotations
 
 from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
+
+
+def _ellipsize(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
 
 
 class StatusBar(Widget):
@@ -16,16 +24,32 @@ class StatusBar(Widget):
     rejection: reactive[str] = reactive("")
     note: reactive[str] = reactive("")
 
-    def render(self) -> Content:
-        parts = [self.model or "no model"]
-        if self.backend:
-            parts.append(self.backend)
-        parts.append("– tok/s" if self.tokens_per_second is None else f"{self.tokens_per_second:.1f} tok/s")
-        parts.append("accept –" if self.acceptance is None else f"accept {self.acceptance:.0%}")
-        parts.append(f"layers {self.layers or 'off'}")
+    def items(self, short: bool) -> list[str]:
+        """Everything after the model name, in long or short labels."""
+        tps = self.tokens_per_second
+        acc = self.acceptance
+        out = [self.backend] if self.backend else []
+        out.append(("–" if tps is None else f"{tps:.1f}") + (" t/s" if short else " tok/s"))
+        out.append(("acc " if short else "accept ") + ("–" if acc is None else f"{acc:.0%}"))
+        out.append(("L " if short else "layers ") + (self.layers or "off"))
         if self.rejection:
-            parts.append(self.rejection)
-        text = " │ ".join(parts)
+            out.append(self.rejection.replace("reject top-", "k=") if short else self.rejection)
+        return out
+
+    def line(self, width: int) -> str:
+        """The text of the bar (without the note) in at most `width` characters where possible."""
+        model = self.model or "no model"
+        for short, sep in ((False, " │ "), (True, " │ "), (True, "│")):
+            text = sep.join([model, *self.items(short)])
+            if len(text) <= width:
+                return text
+        rest = "│" + "│".join(self.items(True))
+        return _ellipsize(model, max(8, width - len(rest))) + rest
+
+    def render(self) -> Content:
+        width = self.size.width or 80
         if self.note:
-            return Content.assemble(text, " │ ", (self.note, "bold"))
-        return Content(text)
+            # a note (loading, ranking layers…) is the news: it keeps its room, the figures shrink
+            room = max(0, width - len(self.note) - 3)
+            return Content.assemble(self.line(room), " │ ", (self.note, "bold"))
+        return Content(self.line(width))
