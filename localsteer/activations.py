@@ -16,10 +16,11 @@ Progress = Callable[[int, int], None]
 
 
 def collect(model: Model, prompts: Sequence[Sequence[int]], layers: Sequence[int] | None = None,
-            last_n: int = 1, n_batch: int = 512, max_seqs: int = 64,
+            last_n: int | Sequence[int] = 1, n_batch: int = 512, max_seqs: int = 64,
             progress: Progress | None = None, skip_first: bool = False) -> np.ndarray:
     """Activations `(n_prompts, n_layer, n_embd)` float32, each the mean over the last `last_n`
-    token positions of that prompt (1: the last token). Layers not in `layers` stay zero.
+    token positions of that prompt (1: the last token; a sequence gives one count per prompt).
+    Layers not in `layers` stay zero.
 
     `prompts` are token id lists. `skip_first` leaves the first position out of the mean (its
     activations are outsized "attention sink" values in many models).
@@ -40,7 +41,7 @@ def collect(model: Model, prompts: Sequence[Sequence[int]], layers: Sequence[int
             rows: list[list[int]] = []  # per prompt: its pooled rows' batch indices
             for s, i in enumerate(group):
                 p = prompts[i]
-                k = min(last_n, len(p) - 1 if skip_first and len(p) > 1 else len(p))
+                k = min(last_n if isinstance(last_n, int) else last_n[i], len(p) - 1 if skip_first and len(p) > 1 else len(p))
                 rows.append(list(range(len(tokens) + len(p) - k, len(tokens) + len(p))))
                 tokens.extend(p)
                 positions.extend(range(len(p)))

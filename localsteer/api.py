@@ -153,9 +153,33 @@ def sampling_config(temperature: float = 0.8, top_k: int = 40, top_p: float = 0.
 
 
 def rejection_config(topk: int | None, minp: float = 0.0, recovery: str = "reset",
-                     draft: int = Rejection.draft, schedule: str = Rejection.schedule) -> Rejection | None:
+                     draft: int = Rejection.draft, schedule: str = Rejection.schedule,
+                     fold: str = "none") -> Rejection | None:
     return None if topk is None else Rejection(topk=topk, minp=minp, recovery=recovery, draft=draft,
-                                               schedule=schedule)
+                                               schedule=schedule, fold=fold)
+
+
+def fold_for(specs: Sequence[str]) -> str:
+    """The plausibility fold the vectors ask for: "case" when every one of them was made as a
+    case rewrite (their metadata says `reject_fold: case`), else "none"."""
+    folds = {str(load_vector(parse_spec(s)[0]).meta.get("reject_fold", "none")) for s in specs}
+    return "case" if folds == {"case"} else "none"
+
+
+def extract_rewrite_vector(model: Model, dataset: str | os.PathLike, rewrite: str,
+                           progress: Progress | None = None):
+    """A rewrite-contrast vector (rewrite.py) from the prompts of an instruction dataset
+    (`vectors/datasets/instructions/*.jsonl`): train split for the vector, validation split and
+    the file's checker for the strength."""
+    from . import verify
+    from .rewrite import extract_rewrite
+
+    items = verify.load_instruction_set(dataset)
+    spec = items[0]["check"]
+    return extract_rewrite(model, [it["prompt"] for it in verify.split(items, "train")],
+                           [it["prompt"] for it in verify.split(items, "validation")], rewrite,
+                           lambda text: verify.check(spec, text), name=Path(dataset).name,
+                           model_sha256=_models.fingerprint(model.path), progress=progress)
 
 
 def chat_prompt(model: Model, prompt: str | Sequence[dict], raw: bool = False,
@@ -259,11 +283,14 @@ def evaluate(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
              limit: int | None = None, max_tokens: int = 48, topk: int = 20,
              compose: Sequence[tuple[str, str]] = (), log: Callable[[str], None] = print,
              datasets: str | os.PathLike = REPO / "vectors" / "datasets",
-             vectors: str | os.PathLike = REPO / "vectors"):
+             vectors: str | os.PathLike = REPO / "vectors", oversteer: float | None = None,
+             conditions: Sequence[str] | None = None):
     """The `localsteer eval` grid (see localsteer/evaluate.py)."""
-    from .evaluate import run_grid
+    from .evaluate import CONDITIONS, OVERSTEER, run_grid
     return run_grid(models, types, Path(out_dir), Path(datasets), Path(vectors), limit=limit,
-                    max_tokens=max_tokens, topk=topk, compose=compose, log=log)
+                    max_tokens=max_tokens, topk=topk, compose=compose, log=log,
+                    oversteer=OVERSTEER if oversteer is None else oversteer,
+                    conditions=tuple(conditions or CONDITIONS))
 
 
 # --- environment --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from . import api
-from .errors import LocalsteerError
+from .errors import DatasetError, LocalsteerError
 from .models import DEFAULT_MODEL, KNOWN_MODELS
 from .vector import format_layers
 
@@ -94,19 +94,37 @@ def models_pull(name: str, force: bool) -> None:
 @model_option
 @click.option("--dataset", "-d", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL of {positive, negative} or {prompt, instruction} pairs.")
-@click.option("--method", type=click.Choice(["mean", "pca", "instruction"]), default="mean", show_default=True,
-              help="instruction: one layer, chosen on the validation split (instruction datasets).")
+@click.option("--method", type=click.Choice(["mean", "pca", "instruction", "rewrite"]), default="mean",
+              show_default=True,
+              help="instruction: one layer, chosen on the validation split (instruction datasets); "
+                   "rewrite: the model's own replies rewritten (--rewrite) vs as written, strength "
+                   "chosen on the validation split (instruction datasets).")
+@click.option("--rewrite", type=click.Choice(["lower", "upper"]), default=None,
+              help="With --method rewrite: the rewrite that makes the positive side.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output GGUF control vector.")
 @force_option
 @threads_option
 @gpu_option
 @verbose_option
-def extract(model: str, dataset: Path, method: str, out: Path, force: bool, threads, gpu_layers,
-            verbose: bool) -> None:
+def extract(model: str, dataset: Path, method: str, rewrite: str | None, out: Path, force: bool, threads,
+            gpu_layers, verbose: bool) -> None:
     """Extract a control vector from contrastive pairs."""
+    if (method == "rewrite") != (rewrite is not None):
+        raise click.UsageError("--rewrite goes with --method rewrite, and --method rewrite needs it")
     api.check_output(out, force)
+    if not dataset.is_file():
+        raise DatasetError(f"dataset not found: {dataset}")
     lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
+    if method == "rewrite":
+        res = api.extract_rewrite_vector(lm, dataset, rewrite, progress=_progress(f"rewrite-{rewrite} vector"))
+        res.vector.save(out, force=force)
+        click.echo(f"wrote {out}: rewrite-{rewrite} vector for {lm.info.name} ({lm.arch}), layers "
+                   f"{format_layers(res.vector.layers)}, strength x{res.scale:g} chosen on validation")
+        click.echo("validation accuracy (fluent) by strength: " +
+                   " ".join(f"x{s.scale:g}:{s.accuracy:.0%}" for s in res.scores))
+        click.echo(f"done in {res.seconds:.1f} s")
+        return
     if method == "instruction":
         res = api.extract_instruction_vector(lm, dataset, progress=_progress("instruction vector"))
         res.vector.save(out, force=force)
@@ -170,6 +188,9 @@ def inspect(vector: Path) -> None:
               help="...and have plain probability >= this x the plain maximum.")
 @click.option("--recovery", type=click.Choice(["reset", "hold", "gradual"]), default="reset",
               show_default=True, help="How steering comes back after a weakened token.")
+@click.option("--reject-fold", type=click.Choice(["auto", "none", "case"]), default="auto", show_default=True,
+              help="Judge plausibility up to letter case (case: for case-rewrite vectors; auto: when "
+                   "every vector was made as one).")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -179,12 +200,13 @@ def inspect(vector: Path) -> None:
 @verbose_option
 @click.argument("prompt")
 def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_p, seed, reject_topk,
-             reject_minp, recovery, raw, system, as_json, events, threads, gpu_layers, verbose,
+             reject_minp, recovery, reject_fold, raw, system, as_json, events, threads, gpu_layers, verbose,
              prompt) -> None:
     """Generate a reply to PROMPT, steered by control vectors."""
     lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
     steering = api.steering_from_specs(lm, vectors, layers)
-    rejection = api.rejection_config(reject_topk, reject_minp, recovery)
+    fold = api.fold_for(vectors) if reject_fold == "auto" else reject_fold
+    rejection = api.rejection_config(reject_topk, reject_minp, recovery, fold=fold)
     sampling = api.sampling_config(temperature, top_k, top_p, min_p, seed)
     run = api.generate(lm, prompt, steering, sampling=sampling, max_tokens=max_tokens,
                        rejection=rejection, raw=raw, system=system, n_threads=threads,
@@ -263,12 +285,21 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
 @click.option("--limit", type=int, default=None, help="At most N test prompts and N task questions.")
 @click.option("--max-tokens", "-n", type=int, default=48, show_default=True)
 @click.option("--reject-topk", type=int, default=20, show_default=True)
+@click.option("--oversteer", type=float, default=4.0, show_default=True,
+              help="Strength multiplier of the 'over' conditions.")
+@click.option("--conditions", default=None, help="Only these conditions (comma-separated; default: all).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("eval-results"),
               show_default=True, help="Directory for results.json and results.md (a rerun resumes).")
 @threads_option
 @verbose_option
-def eval_(model_names, types, compose, limit, max_tokens, reject_topk, out, threads, verbose) -> None:
+def eval_(model_names, types, compose, limit, max_tokens, reject_topk, oversteer, conditions, out, threads,
+          verbose) -> None:
     """Instruction-following accuracy, task fidelity and fluency with and without steering."""
+    from .evaluate import CONDITIONS
+    cond_list = [c for c in (conditions or "").split(",") if c] or list(CONDITIONS)
+    if set(cond_list) - set(CONDITIONS):
+        raise click.ClickException(f"unknown condition(s): {', '.join(sorted(set(cond_list) - set(CONDITIONS)))}; "
+                                   f"use {', '.join(CONDITIONS)}")
     type_list = [t for t in types.split(",") if t]
     unknown = set(type_list) - set(ALL_TYPES.split(","))
     if unknown:
@@ -281,7 +312,7 @@ def eval_(model_names, types, compose, limit, max_tokens, reject_topk, out, thre
         pairs.append((a, b))
     models = [(name, api.load_model(name, verbose=verbose)) for name in model_names]
     results = api.evaluate(models, type_list, out, limit=limit, max_tokens=max_tokens, topk=reject_topk,
-                           compose=pairs, log=click.echo)
+                           compose=pairs, log=click.echo, oversteer=oversteer, conditions=cond_list)
     png = out / "results.png"
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}"
                + (f", {png}" if png.is_file() else " (no plot: pip install 'localsteer[plot]')")

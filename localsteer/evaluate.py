@@ -9,6 +9,9 @@ greedy replies are generated under six conditions:
   instr+steer     both
   steer+rej       steer, with dynamic rejection
   instr+steer+rej instr+steer, with dynamic rejection
+  over            no instruction, the vector at `oversteer` x its strength (strong enough to break
+                  fluency on the shipped vectors)
+  over+rej        over, with dynamic rejection: does rejection keep the effect and remove the damage?
 
 Each cell records constraint accuracy (the checker passes AND the reply is fluent: perplexity
 under the plain model at most `FLUENT_PPL`), the raw pass rate, task fidelity (the share of
@@ -28,14 +31,15 @@ from typing import Callable, Sequence
 
 from . import verify
 from .dataset import Pair
-from .measure import perplexity
+from .measure import FLUENT_PPL, perplexity
 from .runtime import Model
 from .sampling import Sampling
 from .steer import Rejection, Steerer
 from .vector import ControlVector
 
-FLUENT_PPL = 10.0  # plain greedy replies measure 1.2-4 here; degenerate ones 20 to thousands
-CONDITIONS = ("plain", "steer", "instr", "instr+steer", "steer+rej", "instr+steer+rej")
+CONDITIONS = ("plain", "steer", "instr", "instr+steer", "steer+rej", "instr+steer+rej", "over", "over+rej")
+OVERSTEER = 4.0
+TASK_TOKENS = 24  # the task questions have one-line answers
 
 
 @dataclass(frozen=True)
@@ -64,10 +68,13 @@ def _reply(model: Model, steerer: Steerer, user: str, max_tokens: int) -> tuple[
 
 def run_cell(model: Model, condition: str, items: Sequence[dict], tasks: Sequence[dict],
              vector: ControlVector | None, layers: Sequence[int], rejection: Rejection,
-             importance: Sequence[int] | None, checks: Sequence[dict], max_tokens: int) -> Cell:
+             importance: Sequence[int] | None, checks: Sequence[dict], max_tokens: int,
+             oversteer: float = OVERSTEER) -> Cell:
     """One (model, instruction, condition) cell. `checks` all must pass (composition)."""
     with_instr = condition.startswith("instr")
-    steered = "steer" in condition
+    steered = "steer" in condition or condition.startswith("over")
+    if condition.startswith("over") and vector is not None:
+        vector = vector * oversteer
     rej = rejection if condition.endswith("+rej") else None
     st = Steerer(model, vector if steered else None, layers if steered else None, rej,
                  importance if rej else None, details=False)
@@ -86,7 +93,7 @@ def run_cell(model: Model, condition: str, items: Sequence[dict], tasks: Sequenc
         correct = 0
         for t in tasks:
             user = f"{t['question']} {items[0]['instruction']}" if with_instr else t["question"]
-            text, *_ = _reply(model, st, user, max_tokens)
+            text, *_ = _reply(model, st, user, min(max_tokens, TASK_TOKENS))
             correct += verify.task_correct(t["answers"], text)
     finally:
         st.close()
@@ -124,8 +131,12 @@ def markdown(results: dict) -> str:
                          f"{cell['perplexity']:.1f} |")
             continue
         rows.setdefault((model, itype), {})[cond] = cell
+    settings = results.get("settings", {})
     lines = [f"Constraint accuracy (checker passes and perplexity <= {FLUENT_PPL:g}) / task fidelity / "
-             "median perplexity, greedy, test split.", "",
+             "median perplexity, greedy, test split"
+             + (f"; replies of {settings['max_tokens']} tokens, task answers of {settings['task_tokens']}, "
+                f"rejection top-{settings['reject_topk']}, over = the vector x{settings['oversteer']:g}"
+                if settings else "") + ".", "",
              "| model | instruction | " + " | ".join(CONDITIONS) + " |", "|---|---|" + "---|" * len(CONDITIONS)]
     for (model, itype), cells in sorted(rows.items()):
         out = []
@@ -170,15 +181,17 @@ def instruction_vector(model: Model, model_name: str, itype: str, datasets: Path
 
 def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir: Path, datasets: Path,
              vectors: Path, limit: int | None = None, max_tokens: int = 48, topk: int = 20,
-             compose: Sequence[tuple[str, str]] = (), log: Callable[[str], None] = print) -> Results:
+             compose: Sequence[tuple[str, str]] = (), log: Callable[[str], None] = print,
+             oversteer: float = OVERSTEER, conditions: Sequence[str] = CONDITIONS) -> Results:
     """The whole grid; returns the results (also in out_dir/results.json and results.md)."""
     from .importance import importance_order
     from .models import quick_fingerprint
 
     results = Results(out_dir / "results.json")
+    results.data["settings"] = {"max_tokens": max_tokens, "task_tokens": min(max_tokens, TASK_TOKENS),
+                                "reject_topk": topk, "oversteer": oversteer, "fluent_ppl": FLUENT_PPL}
     tasks = [json.loads(line) for line in (datasets / "tasks.jsonl").read_text().splitlines() if line.strip()]
     tasks = tasks[:limit] if limit else tasks
-    rejection = Rejection(topk=topk)
     for name, model in models:
         fp = quick_fingerprint(model.path)
         vecs: dict[str, ControlVector] = {}
@@ -190,14 +203,18 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
 
         def cell(key: str, items, vector, checks, conditions):
             layers = list(vector.layers)
-            order = None
+            # case-rewrite vectors ask for plausibility up to letter case (steer.Rejection.fold)
+            rejection = Rejection(topk=topk, fold=str(vector.meta.get("reject_fold", "none")))
+            orders: dict[bool, list[int]] = {}
             for cond in conditions:
                 k = f"{name}|{key}|{cond}"
                 if results.get(k) is not None:
                     continue
-                if order is None and cond.endswith("+rej"):
-                    order = importance_order(model, vector, layers, fp)
-                c = run_cell(model, cond, items, tasks, vector, layers, rejection, order, checks, max_tokens)
+                over = cond.startswith("over")
+                if over not in orders and cond.endswith("+rej"):
+                    orders[over] = importance_order(model, vector * (oversteer if over else 1.0), layers, fp)
+                c = run_cell(model, cond, items, tasks, vector, layers, rejection, orders.get(over), checks,
+                             max_tokens, oversteer)
                 results.put(k, c)
                 log(f"{name} {key:<24} {cond:<16} accuracy {c.accuracy:4.0%}  pass {c.pass_rate:4.0%}  "
                     f"fidelity {c.fidelity:4.0%}  ppl {c.perplexity:6.1f}  {c.tokens_per_second:5.1f} tok/s")
@@ -205,7 +222,7 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
         for itype in types:
             items = verify.split(verify.load_instruction_set(datasets / "instructions" / f"{itype}.jsonl"), "test")
             items = items[:limit] if limit else items
-            cell(itype, items, vec_for(itype), [items[0]["check"]], CONDITIONS)
+            cell(itype, items, vec_for(itype), [items[0]["check"]], conditions)
         for a, b in compose:
             items = verify.split(verify.load_instruction_set(datasets / "instructions" / f"{a}.jsonl"), "test")
             items = items[:limit] if limit else items

@@ -14,6 +14,7 @@ exactly the choices of the token-by-token loop (`fast=False`).
 from __future__ import annotations
 
 import codecs
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -25,6 +26,22 @@ from .vector import ControlVector, format_layers
 
 RECOVERY = ("reset", "hold", "gradual")
 SCHEDULES = ("halve", "one")
+FOLDS = ("none", "case")
+
+_fold_cache: "weakref.WeakKeyDictionary[Model, np.ndarray]" = weakref.WeakKeyDictionary()
+
+
+def case_classes(model: Model) -> np.ndarray:
+    """For each token id, the id of its class of tokens that are equal up to letter case
+    (" When", " when" and " WHEN" share one), computed once per model."""
+    classes = _fold_cache.get(model)
+    if classes is None:
+        ids: dict[bytes, int] = {}
+        classes = np.empty(model.n_vocab, dtype=np.int64)
+        for t in range(model.n_vocab):
+            classes[t] = ids.setdefault(model.piece(t).decode("utf-8", "replace").casefold().encode(), len(ids))
+        _fold_cache[model] = classes
+    return classes
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,11 @@ class Rejection:
       (GPUs) but may differ at rare near-ties, since llama.cpp's batched kernels round differently.
     schedule: how steering is weakened at each rejection round: "halve" drops half of the active
       layers (at least one), least important first; "one" drops a single layer per round.
+    fold: "case" judges plausibility up to letter case: the plain probabilities of tokens that
+      differ only in case are added, and top-k and min-p compare these classes. The plain model
+      then vouches for *what* is said while the vector decides *how* it is written: for case
+      steering (lowercase, uppercase), whose every effect is a token the plain model would never
+      choose, exact plausibility rejects the effect itself. "none" (default) compares tokens.
     """
 
     topk: int = 20
@@ -49,6 +71,7 @@ class Rejection:
     recovery: str = "reset"
     draft: int = 3
     schedule: str = "halve"
+    fold: str = "none"
 
     def __post_init__(self):
         if self.topk < 1:
@@ -59,6 +82,8 @@ class Rejection:
             raise ValueError(f"schedule must be one of {SCHEDULES}")
         if self.recovery not in RECOVERY:
             raise ValueError(f"recovery must be one of {RECOVERY}")
+        if self.fold not in FOLDS:
+            raise ValueError(f"fold must be one of {FOLDS}")
 
 
 @dataclass
@@ -260,6 +285,13 @@ class _Run:
 
     def _plausible(self, token: int, p_logits: np.ndarray) -> bool:
         rej = self.rejection
+        if rej.fold == "case":
+            classes = case_classes(self.model)
+            mass = np.bincount(classes, weights=softmax(p_logits), minlength=int(classes.max()) + 1)
+            mine = mass[classes[token]]
+            if int(np.count_nonzero(mass > mine)) >= rej.topk:
+                return False
+            return rej.minp <= 0 or mine >= rej.minp * mass.max()
         better = int(np.count_nonzero(p_logits > p_logits[token]))
         if better >= rej.topk:
             return False

@@ -1,7 +1,9 @@
 """Extract the vectors shipped in vectors/<model>/ from the datasets in vectors/datasets/,
 and print a greedy sample (plain, and steered at the suggested scale and its negative) for each.
-With --instructions, the instruction vectors in vectors/<model>/instructions/ instead (one layer
-chosen on the validation split; prints the validation accuracy per candidate layer).
+With --instructions, the instruction vectors in vectors/<model>/instructions/ instead: lowercase and
+uppercase as rewrite-contrast vectors (localsteer/rewrite.py; strength chosen on the validation split),
+the other types as Stolfo instruction vectors (one layer chosen on the validation split); prints the
+validation accuracy per candidate.
 
     .venv/bin/python scripts/make_vectors.py [--models smollm2-135m-instruct,...] [--force]
     .venv/bin/python scripts/make_vectors.py --instructions [--types lowercase,json] [--models ...]
@@ -20,6 +22,7 @@ from localsteer import api  # noqa: E402
 
 DATASETS = {"happy-sad": "How was your weekend?", "uppercase": "Describe the ocean.",
             "lowercase": "Describe the ocean."}
+REWRITE = {"lowercase": "lower", "uppercase": "upper"}
 MODELS = "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct"
 
 
@@ -42,8 +45,15 @@ def main() -> None:
                 out = ROOT / "vectors" / name / "instructions" / f"{itype}.gguf"
                 if out.exists() and not args.force:
                     continue
-                res = api.extract_instruction_vector(model, ROOT / "vectors" / "datasets" / "instructions"
-                                                     / f"{itype}.jsonl")
+                dataset = ROOT / "vectors" / "datasets" / "instructions" / f"{itype}.jsonl"
+                if itype in REWRITE:
+                    res = api.extract_rewrite_vector(model, dataset, REWRITE[itype])
+                    res.vector.save(out, force=True)
+                    print(f"{name} {itype}: rewrite-{REWRITE[itype]}, strength x{res.scale:g}, validation "
+                          "accuracy " + " ".join(f"x{s.scale:g}:{s.accuracy:.0%}" for s in res.scores)
+                          + f" ({res.seconds:.0f} s)", flush=True)
+                    continue
+                res = api.extract_instruction_vector(model, dataset)
                 res.vector.save(out, force=True)
                 print(f"{name} {itype}: layer {res.layer}, weight {res.weight:.2f}, validation accuracy "
                       + " ".join(f"{s.layer}:{s.accuracy:.0%}" for s in res.scores)

@@ -19,7 +19,7 @@ def test_eval_grid_runs_resumes_and_reports(tmp_path):
     assert first.returncode == 0, first.stderr
     data = json.loads((out / "results.json").read_text())
     cells = data["cells"]
-    conds = ["plain", "steer", "instr", "instr+steer", "steer+rej", "instr+steer+rej"]
+    conds = ["plain", "steer", "instr", "instr+steer", "steer+rej", "instr+steer+rej", "over", "over+rej"]
     for c in conds:
         cell = cells[f"qwen2.5-coder-0.5b-instruct|lowercase|{c}"]
         assert cell["n"] == 2 and 0 <= cell["accuracy"] <= cell["pass_rate"] <= 1

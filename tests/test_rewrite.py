@@ -1,0 +1,116 @@
+"""Rewrite-contrast vectors and case-folded plausibility, on the real models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localsteer import verify
+from localsteer.activations import collect
+from localsteer.extract import suggested_layers
+from localsteer.rewrite import _chat, _reply_tokens, extract_rewrite, greedy_replies
+from localsteer.sampling import Sampling
+from localsteer.steer import Rejection, Steerer, case_classes
+from localsteer.vector import ControlVector
+
+ROOT = Path(__file__).parent.parent
+LOWER = verify.load_instruction_set(ROOT / "vectors" / "datasets" / "instructions" / "lowercase.jsonl")
+
+
+def is_lower(text: str) -> bool:
+    return verify.check({"type": "lowercase"}, text)
+
+
+def test_collect_takes_a_count_per_prompt(smol):
+    prompts = [_chat(smol, "Describe the ocean."), _chat(smol, "What is rain?")]
+    both = collect(smol, prompts, layers=[5], last_n=[3, 7])
+    one = collect(smol, prompts[:1], layers=[5], last_n=3)
+    two = collect(smol, prompts[1:], layers=[5], last_n=7)
+    np.testing.assert_allclose(both[0, 5], one[0, 5], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(both[1, 5], two[0, 5], rtol=1e-4, atol=1e-4)
+
+
+def test_reply_tokens_carry_no_bos(smol, qwen05):
+    for model in (smol, qwen05):
+        toks = _reply_tokens(model, "hello there")
+        assert model.detokenize(toks) == "hello there"
+
+
+def test_extract_rewrite_contrast_and_strength_selection(smol):
+    train = [it["prompt"] for it in verify.split(LOWER, "train")[:6]]
+    val = [it["prompt"] for it in verify.split(LOWER, "validation")[:3]]
+    calls = []
+
+    def passes(text):
+        calls.append(text)
+        return is_lower(text)
+
+    res = extract_rewrite(smol, train, val, "lower", passes, max_tokens=16, scales=(1.0, 3.0))
+    v = res.vector
+    band = suggested_layers(smol.n_layer)
+    assert v.layers == tuple(band) and len(calls) == 2 * len(val)
+    assert res.scale in (1.0, 3.0) and [s.scale for s in res.scores] == [1.0, 3.0]
+    best = max(s.accuracy for s in res.scores)
+    assert next(s for s in res.scores if s.scale == res.scale).accuracy == best
+    assert v.meta["method"] == "rewrite-lower" and v.meta["reject_fold"] == "case"
+    # the contrast, recomputed: the model's own replies lowercased minus as written, over the reply
+    heads = [_chat(smol, p) for p in train]
+    replies = greedy_replies(smol, heads, 16)
+    sides = []
+    for rewrite in (str.lower, lambda t: t):
+        bodies = [_reply_tokens(smol, rewrite(smol.detokenize(r))) for r in replies]
+        acts = collect(smol, [h + b for h, b in zip(heads, bodies)], layers=band, last_n=[len(b) for b in bodies])
+        sides.append(acts.mean(0))
+    want = (sides[0] - sides[1])[band] * (1.5 / len(band)) * res.scale
+    np.testing.assert_allclose(v.directions[band], want, rtol=1e-3, atol=1e-4)
+
+
+def test_case_classes_join_spellings(smol):
+    classes = case_classes(smol)
+    assert classes.shape == (smol.n_vocab,)
+    when = smol.tokenize(" When", special=False)[-1:]
+    low = smol.tokenize(" when", special=False)[-1:]
+    the = smol.tokenize(" the", special=False)[-1:]
+    assert len(when) == len(low) == 1
+    assert classes[when[0]] == classes[low[0]] != classes[the[0]]
+    with pytest.raises(ValueError, match="fold"):
+        Rejection(fold="accents")
+
+
+def test_shipped_lowercase_vector_steers_and_survives_folded_rejection(qwen05):
+    """Qwen2.5-Coder-0.5B does not write in lowercase when asked; the shipped rewrite vector makes
+    it. Exact plausibility rejects every lowercase start (the plain model never chooses one), so
+    rejection undoes the effect; plausibility up to case keeps it."""
+    vec = ControlVector.load(ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "instructions" / "lowercase.gguf")
+    layers = list(vec.layers)
+    prompts = [_chat(qwen05, it["prompt"]) for it in verify.split(LOWER, "test")[:2]]
+    greedy = Sampling(temperature=0)
+
+    def replies(vector, rejection=None):
+        st = Steerer(qwen05, vector, layers if vector is not None else None, rejection, layers, details=False)
+        try:
+            return [qwen05.detokenize([e.token for e in st.generate(p, 20, greedy) if not qwen05.is_eog(e.token)])
+                    for p in prompts]
+        finally:
+            st.close()
+
+    plain = replies(None)
+    assert not any(is_lower(t) for t in plain), plain
+    assert all(is_lower(t) for t in replies(vec)), replies(vec)
+    assert all(is_lower(t) for t in replies(vec, Rejection(topk=20, fold="case")))
+    assert not any(is_lower(t) for t in replies(vec, Rejection(topk=20, fold="none")))
+
+
+def test_extract_rewrite_cli_errors(tmp_path):
+    base = [sys.executable, "-m", "localsteer.cli", "extract", "-o", str(tmp_path / "v.gguf")]
+    no_rewrite = subprocess.run(base + ["-d", str(tmp_path / "x.jsonl"), "--method", "rewrite"],
+                                capture_output=True, text=True, cwd=ROOT)
+    assert no_rewrite.returncode == 2 and "--rewrite" in no_rewrite.stderr
+    missing = subprocess.run(base + ["-d", str(tmp_path / "x.jsonl"), "--method", "rewrite", "--rewrite", "lower"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 1 and "dataset not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
