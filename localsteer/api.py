@@ -15,7 +15,7 @@ from .errors import OutputExistsError, VectorError
 from .extract import ExtractResult
 from .extract import extract as _extract
 from .importance import importance_order
-from .runtime import Model
+from .runtime import Lora, Model
 from .sampling import DEFAULT_SEED, Sampling
 from .steer import Rejection, Steerer, TokenEvent
 from .vector import ControlVector, format_layers, parse_layers
@@ -193,14 +193,25 @@ def chat_prompt(model: Model, prompt: str | Sequence[dict], raw: bool = False,
     return model.tokenize(model.apply_chat_template(messages))
 
 
+def load_adapters(model: Model, specs: Sequence[str]) -> list[tuple[Lora, float]]:
+    """LoRA adapters from "path.gguf[:SCALE]" specs (scale 1 when none is given), e.g. the refusal
+    ablation adapter of `localsteer refusal direction`."""
+    out = []
+    for spec in specs:
+        path, scale = parse_spec(spec)
+        out.append((Lora(model, path), 1.0 if scale is None else scale))
+    return out
+
+
 def make_steerer(model: Model, steering: Steering, rejection: Rejection | None = None,
-                 n_threads: int | None = None, n_ctx: int = 4096) -> Steerer:
+                 n_threads: int | None = None, n_ctx: int = 4096,
+                 adapters: Sequence[tuple[Lora, float]] = ()) -> Steerer:
     importance = None
     if rejection is not None and steering.vector is not None:
         importance = importance_order(model, steering.vector, steering.layers,
                                       _models.quick_fingerprint(model.path))
     return Steerer(model, steering.vector, steering.layers or None, rejection, importance,
-                   n_ctx=n_ctx, n_threads=n_threads)
+                   n_ctx=n_ctx, n_threads=n_threads, adapters=adapters)
 
 
 @dataclass
@@ -245,14 +256,14 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
              sampling: Sampling = Sampling(), max_tokens: int = 128,
              rejection: Rejection | None = None, raw: bool = False, system: str | None = None,
              n_threads: int | None = None, stream: Callable[[str], None] | None = None,
-             steerer: Steerer | None = None) -> RunResult:
+             steerer: Steerer | None = None, adapters: Sequence[tuple[Lora, float]] = ()) -> RunResult:
     """Generate a reply; `stream` receives text pieces as they come."""
     import time
 
     tokens = chat_prompt(model, prompt, raw=raw, system=system)
     own = steerer is None
     st = steerer or make_steerer(model, steering, rejection, n_threads=n_threads,
-                                 n_ctx=max(4096, len(tokens) + max_tokens))
+                                 n_ctx=max(4096, len(tokens) + max_tokens), adapters=adapters)
     sampling = sampling.resolved()
     events: list[TokenEvent] = []
     t0 = time.perf_counter()

@@ -191,6 +191,8 @@ def inspect(vector: Path) -> None:
 @click.option("--reject-fold", type=click.Choice(["auto", "none", "case"]), default="auto", show_default=True,
               help="Judge plausibility up to letter case (case: for case-rewrite vectors; auto: when "
                    "every vector was made as one).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="LoRA adapter (e.g. refusal-ablate.gguf), optionally scaled; repeatable.")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -200,7 +202,7 @@ def inspect(vector: Path) -> None:
 @verbose_option
 @click.argument("prompt")
 def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_p, seed, reject_topk,
-             reject_minp, recovery, reject_fold, raw, system, as_json, events, threads, gpu_layers, verbose,
+             reject_minp, recovery, reject_fold, loras, raw, system, as_json, events, threads, gpu_layers, verbose,
              prompt) -> None:
     """Generate a reply to PROMPT, steered by control vectors."""
     lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
@@ -208,8 +210,9 @@ def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_
     fold = api.fold_for(vectors) if reject_fold == "auto" else reject_fold
     rejection = api.rejection_config(reject_topk, reject_minp, recovery, fold=fold)
     sampling = api.sampling_config(temperature, top_k, top_p, min_p, seed)
+    adapters = api.load_adapters(lm, loras)
     run = api.generate(lm, prompt, steering, sampling=sampling, max_tokens=max_tokens,
-                       rejection=rejection, raw=raw, system=system, n_threads=threads,
+                       rejection=rejection, raw=raw, system=system, n_threads=threads, adapters=adapters,
                        stream=None if as_json else _stream_echo)
     if as_json:
         obj = run.as_dict(events=events)
@@ -238,15 +241,17 @@ def _stream_echo(text: str) -> None:
 @click.option("--temperature", "--temp", type=float, default=0.8, show_default=True,
               help="0 for greedy decoding.")
 @click.option("--seed", "-s", type=int, default=None, help="Sampling seed (default: random).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="LoRA adapter (e.g. refusal-ablate.gguf), on for the whole session; repeatable.")
 @threads_option
 @gpu_option
-def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, threads, gpu_layers) -> None:
+def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, loras, threads, gpu_layers) -> None:
     """Chat with a model in the terminal, steering it as you go."""
     from localsteer_tui import ChatOptions, run
 
     if reject_topk is not None and reject_topk < 1:
         raise click.BadParameter("must be at least 1", param_hint="--reject-topk")
-    run(ChatOptions(model=model, vectors=tuple(vectors), layers=layers, reject_topk=reject_topk,
+    run(ChatOptions(model=model, vectors=tuple(vectors), adapters=tuple(loras), layers=layers, reject_topk=reject_topk,
                     max_tokens=max_tokens, sampling=api.sampling_config(temperature=temperature, seed=seed),
                     threads=threads, gpu_layers=gpu_layers))
 
@@ -317,6 +322,83 @@ def eval_(model_names, types, compose, limit, max_tokens, reject_topk, oversteer
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}"
                + (f", {png}" if png.is_file() else " (no plot: pip install 'localsteer[plot]')")
                + f" ({len(results.data['cells'])} cells)")
+
+
+# --- refusal ------------------------------------------------------------------------------------
+
+REFUSAL_DATA = Path(__file__).resolve().parent.parent / "vectors" / "datasets" / "refusal"
+
+
+@main.group()
+def refusal() -> None:
+    """The refusal direction: select it, ablate it (a LoRA adapter), add it, compare with INLP."""
+
+
+@refusal.command("direction")
+@model_option
+@click.option("--datasets", "dataset_dir", type=click.Path(file_okay=False, path_type=Path), default=REFUSAL_DATA,
+              show_default=True, help="Directory with harmful.jsonl and harmless.jsonl.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the vector, the adapters and selection.md.")
+@click.option("--inlp-rounds", type=int, default=8, show_default=True)
+@force_option
+@verbose_option
+def refusal_direction(model, dataset_dir, out, inlp_rounds, force, verbose) -> None:
+    """Select the refusal direction on the validation split and write the interventions:
+    refusal-add.gguf (control vector), refusal-ablate.gguf (LoRA: directional ablation),
+    inlp-project.gguf and inlp-flip.gguf (LoRA: INLP), random-ablate.gguf (control)."""
+    from . import refusal as rf
+    from .models import fingerprint
+
+    sets = rf.load_sets(dataset_dir)
+    if not force:
+        for f in rf.FILES.values():
+            if (out / f).exists():
+                raise click.ClickException(f"{out / f} exists (use --force to overwrite)")
+    lm = api.load_model(model, verbose=verbose)
+    sel = rf.build(lm, sets, out, model_sha256=fingerprint(lm.path), force=force, inlp_rounds=inlp_rounds,
+                   log=lambda s: click.echo(s, err=True), progress=_progress("candidates"))
+    click.echo((out / rf.FILES["selection"]).read_text())
+    click.echo(f"wrote {', '.join(str(out / f) for f in rf.FILES.values())}")
+    click.echo("use in llama.cpp:")
+    click.echo(f"  llama-cli -m MODEL.gguf --lora {out / rf.FILES['ablation']}        # refuses less")
+    click.echo(f"  llama-cli -m MODEL.gguf --control-vector {out / rf.FILES['addition']}   # refuses more")
+    del sel
+
+
+@refusal.command("table")
+@model_option
+@click.option("--datasets", "dataset_dir", type=click.Path(file_okay=False, path_type=Path), default=REFUSAL_DATA,
+              show_default=True)
+@click.option("--dir", "-d", "directory", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="What `localsteer refusal direction` wrote.")
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="At most N prompts of each kind.")
+@click.option("--max-tokens", "-n", type=int, default=24, show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table (Markdown) here.")
+@force_option
+@verbose_option
+def refusal_table(model, dataset_dir, directory, split, limit, max_tokens, out, force, verbose) -> None:
+    """Refusal rates, harmless KL, perplexity and speed of every intervention, on one table."""
+    from . import refusal as rf
+
+    if out is not None:
+        api.check_output(out, force)
+    sets = rf.load_sets(dataset_dir)
+    lm = api.load_model(model, verbose=verbose)
+    click.echo(rf.TABLE_HEAD)
+    rows = rf.table(lm, sets, directory, split=split, max_tokens=max_tokens, limit=limit, log=click.echo,
+                    progress=_progress("replies"))
+    n_h = len(sets.harmful[split][:limit] if limit else sets.harmful[split])
+    n_b = len(sets.harmless[split][:limit] if limit else sets.harmless[split])
+    md = rf.table_markdown(lm, rows, split, n_h, n_b, max_tokens)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".part")
+        tmp.write_text(md)
+        tmp.replace(out)
+        click.echo(f"wrote {out}")
 
 
 # --- doctor -------------------------------------------------------------------------------------

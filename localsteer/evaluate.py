@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .fileio import temp_beside
 from . import verify
 from .dataset import Pair
 from .measure import FLUENT_PPL, perplexity
@@ -115,8 +115,8 @@ class Results:
     def put(self, key: str, cell: Cell) -> None:
         self.data["cells"][key] = cell.as_dict()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".part")
-        with os.fdopen(fd, "w") as f:
+        tmp = temp_beside(self.path)
+        with open(tmp, "w") as f:
             json.dump(self.data, f, indent=1)
         os.replace(tmp, self.path)
 

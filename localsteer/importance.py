@@ -15,11 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
+from .fileio import temp_beside
 from .models import home
 from .runtime import Model
 from .sampling import softmax
@@ -90,8 +90,8 @@ def importance_order(model: Model, vector: ControlVector, layers: Sequence[int],
     kl = layer_kl(model, vector, layers)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-        with os.fdopen(fd, "w") as f:
+        tmp = temp_beside(path)
+        with open(tmp, "w") as f:
             json.dump({"kl": kl, "prompts": PROMPTS}, f)
         os.replace(tmp, path)
     return sorted(kl, key=lambda il: (kl[il], il))

@@ -287,7 +287,32 @@ class Model:
         self.close()
 
 
+class Lora:
+    """A GGUF LoRA adapter loaded for one model (llama.cpp checks that it fits the model)."""
+
+    def __init__(self, model: Model, path: str | os.PathLike):
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"adapter file not found: {path}")
+        self.model = model
+        self.path = path
+        self._adapter = llama_cpp.llama_adapter_lora_init(model._model, str(path).encode())
+        if not self._adapter:
+            raise ModelError(f"llama.cpp could not load the adapter {path} for this model "
+                             "(run with --verbose for its log)")
+
+    def close(self) -> None:
+        # llama.cpp frees adapters with their model; an explicit free is only safe before that
+        if getattr(self, "_adapter", None) and getattr(self.model, "_model", None):
+            llama_cpp.llama_adapter_lora_free(self._adapter)
+        self._adapter = None
+
+
 def default_threads() -> int:
+    """CPU threads per context: $LOCALSTEER_THREADS, else the CPU count (at most 8)."""
+    env = os.environ.get("LOCALSTEER_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     return max(1, min(os.cpu_count() or 1, 8))
 
 
@@ -383,6 +408,14 @@ class Context:
             m.n_embd, layer_start, end)
         if rc != 0:
             raise VectorError("llama.cpp refused the control vector")
+
+    def set_loras(self, adapters: Sequence[tuple["Lora", float]]) -> None:
+        """Apply LoRA adapters with their scales (an empty list removes them all)."""
+        n = len(adapters)
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(1, n))(*[a._adapter for a, _ in adapters])
+        scales = (ctypes.c_float * max(1, n))(*[float(s) for _, s in adapters])
+        if llama_cpp.llama_set_adapters_lora(self._ctx, arr if n else None, n, scales if n else None) != 0:
+            raise ModelError("llama.cpp refused the LoRA adapters")
 
     def remove(self, seq_id: int = -1, p0: int = -1, p1: int = -1) -> None:
         """Forget cached tokens of `seq_id` at positions [p0, p1) (-1: open end / all sequences)."""

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .runtime import Context, Model
+from .runtime import Context, Lora, Model
 from .sampling import Sampling, softmax
 from .vector import ControlVector, format_layers
 
@@ -113,13 +113,17 @@ class Steerer:
     `vector` is already composed and scaled (see `compose`); `layers` are the active layers,
     `importance` orders them from least to most important (for weakening). With `details`
     off, events carry no probabilities (saves a softmax over the vocabulary per token).
+    `adapters` (LoRA adapters with scales, e.g. the refusal ablation) are part of the model on
+    both sides: the plain side is the adapted model without the vector.
     """
 
     def __init__(self, model: Model, vector: ControlVector | None = None,
                  layers: Sequence[int] | None = None, rejection: Rejection | None = None,
                  importance: Sequence[int] | None = None, n_ctx: int = 4096,
-                 n_threads: int | None = None, top_n_events: int = 5, details: bool = True):
+                 n_threads: int | None = None, top_n_events: int = 5, details: bool = True,
+                 adapters: Sequence[tuple[Lora, float]] = ()):
         self.model = model
+        self.adapters = list(adapters)
         self.details = details
         self.n_ctx = n_ctx
         self.n_threads = n_threads
@@ -152,8 +156,12 @@ class Steerer:
     def _contexts(self) -> tuple[Context, Context | None]:
         if self._steered is None:
             self._steered = self.model.context(n_ctx=self.n_ctx, n_threads=self.n_threads)
+            if self.adapters:
+                self._steered.set_loras(self.adapters)
         if self.rejection is not None and self._plain is None:
             self._plain = self.model.context(n_ctx=self.n_ctx, n_threads=self.n_threads)
+            if self.adapters:
+                self._plain.set_loras(self.adapters)
         return self._steered, (self._plain if self.rejection is not None else None)
 
     def _apply(self, active: tuple[int, ...]) -> None:

@@ -4,13 +4,13 @@ and its GGUF file format (the one llama.cpp's `--control-vector` loader reads)."
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from .fileio import temp_beside
 from .errors import LayerRangeError, OutputExistsError, VectorError
 
 ARCH = "controlvector"
@@ -175,8 +175,7 @@ class ControlVector:
         if path.exists() and not force:
             raise OutputExistsError(f"{path} exists (use --force to overwrite)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
+        tmp = temp_beside(path)
         try:
             w = gguf.GGUFWriter(tmp, ARCH)
             w.add_string(f"{ARCH}.model_hint", self.arch)

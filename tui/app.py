@@ -101,7 +101,7 @@ class ChatApp(App[None]):
         try:
             model = api.load_model(o.model, gpu_layers=o.gpu_layers)
             entries, problems = catalog.discover(model, o.model_label, o.vectors, o.shipped_dir, o.user_dir)
-            session = Session(model, n_threads=o.threads)
+            session = Session(model, n_threads=o.threads, adapters=api.load_adapters(model, o.adapters))
             backend = backend_name()
         except (LocalsteerError, ValueError, OSError) as e:
             self.post_message(ModelFailed(str(e)))

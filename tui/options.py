@@ -15,10 +15,13 @@ class ChatOptions:
 
     `vectors` are `PATH[:SCALE]` specs switched on at the start; the panel also lists the shipped
     vectors for the model (`shipped_dir/<model name>/*.gguf`) and the user's (`user_dir`), off.
+    `adapters` (e.g. the refusal ablation of `localsteer refusal direction`) stay on all session:
+    plain and steered replies both come from the adapted model.
     """
 
     model: str = models.DEFAULT_MODEL
     vectors: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()  # LoRA adapters `PATH[:SCALE]`, part of the model on both sides
     layers: str | None = None
     reject_topk: int | None = None
     max_tokens: int = 256

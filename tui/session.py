@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 from localsteer import api, models
 from localsteer.dataset import Pair
 from localsteer.importance import importance_order
-from localsteer.runtime import Model, backend_devices
+from localsteer.runtime import Lora, Model, backend_devices
 from localsteer.sampling import Sampling
 from localsteer.steer import TokenEvent
 from localsteer.vector import ControlVector
@@ -41,10 +41,12 @@ def backend_name() -> str:
 
 
 class Session:
-    def __init__(self, model: Model, n_threads: int | None = None, n_ctx: int = 4096):
+    def __init__(self, model: Model, n_threads: int | None = None, n_ctx: int = 4096,
+                 adapters: Sequence[tuple[Lora, float]] = ()):
         self.model = model
         self.n_ctx = n_ctx
-        self.steerer = api.make_steerer(model, api.Steering(None, ()), None, n_threads=n_threads, n_ctx=n_ctx)
+        self.steerer = api.make_steerer(model, api.Steering(None, ()), None, n_threads=n_threads, n_ctx=n_ctx,
+                                        adapters=adapters)
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
 

@@ -1,0 +1,100 @@
+"""Refusal direction: scoring, INLP on synthetic data, and the shipped Qwen2.5-Coder-0.5B
+interventions through the real llama.cpp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_interop import llama_completion, localsteer_generate
+
+from localsteer import refusal as rf
+from localsteer.runtime import Lora
+from localsteer.vector import ControlVector
+
+ROOT = Path(__file__).parent.parent
+SHIPPED = ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "refusal"
+SETS = rf.load_sets(ROOT / "vectors" / "datasets" / "refusal")
+
+
+@pytest.mark.parametrize("phrase", rf.PHRASES)
+def test_every_refusal_phrase_is_caught(phrase):
+    assert rf.is_refusal(f"{phrase.capitalize()} help with that request.")
+    assert rf.is_refusal(f"Well. {phrase.upper()} do it.")  # case-insensitive, anywhere in the head
+
+
+def test_answers_are_not_refusals_and_late_phrases_do_not_count():
+    assert not rf.is_refusal("Sure! Here is a recipe for a quick weeknight vegetable curry: first, chop")
+    assert not rf.is_refusal("To kill a hanging Python process, find its PID with ps and run kill -9 PID.")
+    assert not rf.is_refusal("x" * rf.REFUSAL_CHARS + " I'm sorry")
+
+
+def test_datasets_are_split_and_disjoint():
+    for sets in (SETS.harmful, SETS.harmless):
+        assert all(len(sets[s]) >= 20 for s in ("train", "validation", "test"))
+        assert sum(len(v) for v in sets.values()) >= 120
+    every = [p for sets in (SETS.harmful, SETS.harmless) for v in sets.values() for p in v]
+    assert len(every) == len(set(every))
+
+
+def test_inlp_finds_the_separating_direction_and_removes_it():
+    rng = np.random.default_rng(0)
+    d = 40
+    true = rng.normal(size=d)
+    true /= np.linalg.norm(true)
+
+    def sample(n):
+        y = rng.integers(0, 2, size=n)
+        x = rng.normal(size=(n, d)) + np.outer(np.where(y == 1, 2.5, -2.5), true)
+        return x, y
+
+    xt, yt = sample(300)
+    xv, yv = sample(200)
+    res = rf.inlp(xt, yt, xv, yv, rounds=6, stop_at=0.6)
+    assert abs(res.directions[0] @ true) > 0.9
+    assert res.validation_accuracy[0] > 0.95
+    np.testing.assert_allclose(res.directions @ res.directions.T, np.eye(len(res.directions)), atol=1e-5)
+    # after projecting the learned subspace out, a fresh classifier is near chance
+    q = res.directions.T.astype(np.float64)
+    xv_null = xv - (xv @ q) @ q.T
+    w = rf.logistic_direction(xt - (xt @ q) @ q.T, yt)
+    assert rf.classifier_accuracy(xv_null, yv, w / np.linalg.norm(w)) < 0.65
+
+
+def test_post_instruction_tokens_of_qwen(qwen05):
+    assert rf.post_instruction_count(qwen05) == 5  # <|im_end|> \n <|im_start|> assistant \n
+
+
+def replies(model, prompts, control=None, loras=()):
+    return rf.generate_replies(model, prompts, 20, control, loras)[0]
+
+
+def test_shipped_ablation_adapter_removes_refusal_and_addition_induces_it(qwen05):
+    harmful = SETS.harmful["test"][:4]
+    harmless = SETS.harmless["test"][:3]
+    plain_h = replies(qwen05, harmful)
+    assert sum(map(rf.is_refusal, plain_h)) >= 3, plain_h  # the plain model refuses these
+    lora = Lora(qwen05, SHIPPED / "refusal-ablate.gguf")
+    try:
+        assert replies(qwen05, harmful, loras=[(lora, 0.0)]) == plain_h  # scale 0 = plain
+        ablated = replies(qwen05, harmful, loras=[(lora, 1.0)])
+        assert sum(map(rf.is_refusal, ablated)) <= 1, ablated
+    finally:
+        lora.close()
+    vec = ControlVector.load(SHIPPED / "refusal-add.gguf")
+    plain_b = replies(qwen05, harmless)
+    assert not any(map(rf.is_refusal, plain_b)), plain_b
+    added = replies(qwen05, harmless, control=(vec.directions, list(vec.layers)))
+    assert sum(map(rf.is_refusal, added)) >= 2, added
+
+
+@pytest.mark.slow
+def test_llama_cpp_cli_loads_the_ablation_adapter_and_matches_localsteer(qwen05_path):
+    prompt = f"<|im_start|>user\n{SETS.harmful['test'][0]}<|im_end|>\n<|im_start|>assistant\n"
+    adapter = str(SHIPPED / "refusal-ablate.gguf")
+    theirs = llama_completion(qwen05_path, prompt, 24, "--lora", adapter)
+    ours = localsteer_generate(qwen05_path, prompt, 24, "--lora", adapter)
+    plain = llama_completion(qwen05_path, prompt, 24)
+    assert ours == theirs
+    assert rf.is_refusal(plain) and not rf.is_refusal(ours)
