@@ -224,6 +224,8 @@ class ControlVector:
             il = int(idx)
             dirs[il] = dirs.get(il, 0) + data  # several tensors for one layer are summed, as in llama.cpp
         if arch != ARCH and not dirs:
+            if fields.get("general.type") == "adapter":
+                raise VectorError(f"{path} is a LoRA adapter, not a control vector: load it with --lora")
             raise VectorError(f"{path} is a GGUF file but not a control vector (architecture {arch!r})")
         if not dirs:
             raise VectorError(f"{path} has no direction tensors")

@@ -33,9 +33,9 @@ wait_for() {  # wait_for REGEX SECONDS
     done
 }
 
-wait_for '│ (CPU|CUDA|Metal) │' 120          # the status bar names the backend once loaded
+wait_for '│ ?(CPU|CUDA|Metal) ?│' 120          # the status bar names the backend once loaded
 tmux send-keys -t "$SESSION" "$MESSAGE" Enter
-wait_for '[0-9.]+ tok/s' 300                  # the first tokens are in
+wait_for '[0-9.]+ (tok|t)/s' 300                  # the first tokens are in
 # the reply is done when the screen stops changing
 prev="" same=0
 while ((same < 4)); do

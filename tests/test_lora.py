@@ -67,6 +67,10 @@ def test_writer_refuses_to_overwrite_and_reads_back(tmp_path):
     np.testing.assert_allclose(np.abs(dirs[0]), np.abs(r / np.linalg.norm(r)), atol=1e-6)
     assert not list(tmp_path.glob("*.part"))
     assert path.stat().st_mode & 0o044  # readable by others, as a plain new file (not mkstemp's 0600)
+    from localsteer.errors import VectorError
+    from localsteer.vector import ControlVector
+    with pytest.raises(VectorError, match="LoRA adapter, not a control vector: load it with --lora"):
+        ControlVector.load(path)
 
 
 def test_post_norm_architectures_are_refused(tmp_path):
