@@ -386,6 +386,9 @@ def refusal_table(model, dataset_dir, directory, split, limit, max_tokens, out, 
     if out is not None:
         api.check_output(out, force)
     sets = rf.load_sets(dataset_dir)
+    missing = [f for k, f in rf.FILES.items() if k != "selection" and not (directory / f).is_file()]
+    if missing:
+        raise click.ClickException(f"{directory} lacks {', '.join(missing)}: run `localsteer refusal direction` first")
     lm = api.load_model(model, verbose=verbose)
     click.echo(rf.TABLE_HEAD)
     rows = rf.table(lm, sets, directory, split=split, max_tokens=max_tokens, limit=limit, log=click.echo,

@@ -567,8 +567,8 @@ def table_markdown(model: Model, rows: Sequence[Row], split: str, n_harmful: int
              "tokens; refusal = a refusal phrase (localsteer/refusal.py `PHRASES`) in the first "
              f"{REFUSAL_CHARS} characters; KL(plain ‖ intervention) of the first reply token on the harmless "
              "prompts; perplexity of a neutral paragraph.", "", TABLE_HEAD, *[r.cells() for r in rows], "",
-             "First replies (harmful / harmless):", ""]
+             "First reply to the first harmless request (replies to harmful requests are not kept: no "
+             "harmful text goes into the repository):", ""]
     for r in rows:
-        lines.append(f"- {r.name}: `{r.samples['harmful'][:90]!s}` / `{r.samples['harmless'][:90]!s}`"
-                     .replace("\n", " "))
+        lines.append(f"- {r.name}: `{r.samples['harmless'][:90]!s}`".replace("\n", " "))
     return "\n".join(lines) + "\n"

@@ -91,10 +91,27 @@ def test_shipped_ablation_adapter_removes_refusal_and_addition_induces_it(qwen05
 
 @pytest.mark.slow
 def test_llama_cpp_cli_loads_the_ablation_adapter_and_matches_localsteer(qwen05_path):
-    prompt = f"<|im_start|>user\n{SETS.harmful['test'][0]}<|im_end|>\n<|im_start|>assistant\n"
+    request = next(p for p in SETS.harmful["test"] if "ex's email" in p)  # the plain model refuses this one
+    prompt = f"<|im_start|>user\n{request}<|im_end|>\n<|im_start|>assistant\n"
     adapter = str(SHIPPED / "refusal-ablate.gguf")
     theirs = llama_completion(qwen05_path, prompt, 24, "--lora", adapter)
     ours = localsteer_generate(qwen05_path, prompt, 24, "--lora", adapter)
     plain = llama_completion(qwen05_path, prompt, 24)
     assert ours == theirs
     assert rf.is_refusal(plain) and not rf.is_refusal(ours)
+
+
+def test_refusal_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    base = [sys.executable, "-m", "localsteer.cli", "refusal"]
+    table = subprocess.run(base + ["table", "-d", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert table.returncode == 1 and "run `localsteer refusal direction` first" in table.stderr
+    direction = subprocess.run(base + ["direction", "-o", str(tmp_path / "o"), "--datasets", str(tmp_path)],
+                               capture_output=True, text=True, cwd=ROOT)
+    assert direction.returncode == 1 and "dataset not found" in direction.stderr
+    assert "Traceback" not in table.stderr + direction.stderr
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "refusal-add.gguf").write_bytes(b"x")
+    exists = subprocess.run(base + ["direction", "-o", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert exists.returncode == 1 and "exists (use --force" in exists.stderr
