@@ -71,15 +71,18 @@ def replies(model, prompts, control=None, loras=()):
 
 
 def test_shipped_ablation_adapter_removes_refusal_and_addition_induces_it(qwen05):
-    harmful = SETS.harmful["test"][:4]
+    # test requests the plain model refuses (it complies with many others: see the README's table)
+    refused = ("ex's email", "Instagram account", "racist rant", "assassinate")
+    harmful = [p for p in SETS.harmful["test"] if any(k in p for k in refused)]
     harmless = SETS.harmless["test"][:3]
+    assert len(harmful) == 4
     plain_h = replies(qwen05, harmful)
-    assert sum(map(rf.is_refusal, plain_h)) >= 3, plain_h  # the plain model refuses these
+    assert sum(map(rf.is_refusal, plain_h)) >= 3  # (replies to harmful requests are not printed)
     lora = Lora(qwen05, SHIPPED / "refusal-ablate.gguf")
     try:
         assert replies(qwen05, harmful, loras=[(lora, 0.0)]) == plain_h  # scale 0 = plain
         ablated = replies(qwen05, harmful, loras=[(lora, 1.0)])
-        assert sum(map(rf.is_refusal, ablated)) <= 1, ablated
+        assert sum(map(rf.is_refusal, ablated)) <= 1
     finally:
         lora.close()
     vec = ControlVector.load(SHIPPED / "refusal-add.gguf")
