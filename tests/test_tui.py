@@ -582,3 +582,14 @@ def test_snapshot_extract_dialog(tmp_path, monkeypatch, snap_compare):
 
     app = snapshot_app(tmp_path, monkeypatch)
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
+def test_mix_rejection_is_case_folded_for_case_rewrite_vectors(smol):
+    from localsteer_tui.mix import MixSettings, choose
+    rewrite = REPO / "vectors" / "smollm2-135m-instruct" / "instructions" / "lowercase.gguf"
+    happy = SMOL_VECTORS / "happy-sad.gguf"
+    folded = choose(smol, MixSettings(parts=((rewrite, 1.0),), reject=True))
+    assert folded.rejection.fold == "case" and "up to case" in folded.describe()
+    mixed = choose(smol, MixSettings(parts=((rewrite, 1.0), (happy, 1.0)), reject=True))
+    assert mixed.rejection.fold == "none"
+    assert choose(smol, MixSettings(parts=((rewrite, 1.0),), reject=False)).rejection is None

@@ -37,7 +37,9 @@ class Choice:
 
     def describe(self) -> str:
         text = "no steering" if self.steering.vector is None else self.steering.describe()
-        return text + (f"; reject top-{self.rejection.topk}" if self.rejection else "")
+        if self.rejection is None:
+            return text
+        return text + f"; reject top-{self.rejection.topk}" + (", up to case" if self.rejection.fold == "case" else "")
 
 
 PLAIN = Choice(api.Steering(None, ()), None)
@@ -47,7 +49,9 @@ def choose(model: Model, settings: MixSettings) -> Choice:
     """The mix for `model`; raises `LocalsteerError` (bad layers, a vector that does not fit)
     or `ValueError` (bad top-k)."""
     steering = api.steering_from_specs(model, settings.specs(), settings.layers or None)
-    return Choice(steering, api.rejection_config(settings.topk if settings.reject else None))
+    # case-rewrite vectors ask for plausibility up to letter case (as `generate --reject-fold auto`)
+    fold = api.fold_for(settings.specs()) if settings.reject and settings.parts else "none"
+    return Choice(steering, api.rejection_config(settings.topk if settings.reject else None, fold=fold))
 
 
 class Mailbox:
