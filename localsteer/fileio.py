@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
 
 
 def _umask() -> int:
@@ -21,3 +24,42 @@ def temp_beside(path: str | os.PathLike) -> str:
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return tmp
+
+
+def add_gguf_value(writer: Any, key: str, value: Any) -> None:
+    """Store a metadata value under its natural GGUF type (lists as float arrays)."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, (int, np.integer)):
+        writer.add_int64(key, int(value))
+    elif isinstance(value, (float, np.floating)):
+        writer.add_float32(key, float(value))
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        writer.add_array(key, [float(x) for x in value])
+    else:
+        raise TypeError(f"cannot store {key}={value!r} in GGUF")
+
+
+def write_gguf(path: str | os.PathLike, arch: str, fill: Callable[[Any], None]) -> Path:
+    """Write a GGUF file whole: `fill(writer)` adds its keys and tensors to a `gguf.GGUFWriter`
+    on a temporary file, which then replaces `path`; on any failure nothing is left behind."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(path)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        fill(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -40,23 +40,12 @@ def layer_kl(model: Model, vector: ControlVector, layers: Sequence[int]) -> dict
     n_tok = sum(len(p) for p in prompts)
     ctx = model.context(n_ctx=max(256, n_tok), n_batch=max(256, n_tok), n_seq_max=len(prompts))
     try:
-        def last_logits() -> np.ndarray:
-            toks, pos, seq, out = [], [], [], []
-            for s, p in enumerate(prompts):
-                toks += p
-                pos += range(len(p))
-                seq += [s] * len(p)
-                out += [False] * (len(p) - 1) + [True]
-            ctx.clear()
-            ctx.decode(toks, pos, seq, out)
-            return ctx.logits_rows(len(prompts))
-
         ctx.set_control(None)
-        plain = softmax(last_logits())
+        plain = softmax(ctx.last_logits(prompts))
         result = {}
         for il in layers:
             ctx.set_control(vector.only_layers([il]).directions, il, il)
-            steered = softmax(last_logits())
+            steered = softmax(ctx.last_logits(prompts))
             kl = np.sum(plain * (np.log(plain + 1e-12) - np.log(steered + 1e-12)), axis=-1)
             result[int(il)] = float(kl.mean())
     finally:

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from .fileio import temp_beside
+from .fileio import add_gguf_value, write_gguf
 from .errors import ModelError, OutputExistsError, VectorError
 
 POST_NORM_ARCHS = ("gemma2", "gemma3", "gemma3n", "olmo2", "cohere2")
@@ -117,17 +117,14 @@ def adapter_tensors(weights: Weights, directions: np.ndarray, coef: float = 1.0)
 def write_adapter(path: str | os.PathLike, weights: Weights, directions: np.ndarray, coef: float = 1.0,
                   meta: dict | None = None, force: bool = False) -> Path:
     """Write the ablation (coef 1) or reflection (coef 2) adapter for `directions` as a GGUF LoRA."""
-    import gguf
-
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists (use --force to overwrite)")
     tensors = adapter_tensors(weights, directions, coef)
     k = orthonormal(directions).shape[1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    try:
-        w = gguf.GGUFWriter(tmp, weights.arch)
+    q = orthonormal(directions)
+
+    def fill(w) -> None:
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", float(k))
@@ -135,27 +132,13 @@ def write_adapter(path: str | os.PathLike, weights: Weights, directions: np.ndar
         w.add_float32(KEY + "coef", float(coef))
         w.add_uint32(KEY + "rank", k)
         w.add_bool(KEY + "token_embd_edited", not weights.tied_embedding)
-        w.add_array(KEY + "directions", [float(x) for x in orthonormal(directions).T.ravel()])
+        w.add_array(KEY + "directions", [float(x) for x in q.T.ravel()])
         for key, value in (meta or {}).items():
-            if isinstance(value, str):
-                w.add_string(KEY + key, value)
-            elif isinstance(value, bool):
-                w.add_bool(KEY + key, value)
-            elif isinstance(value, int):
-                w.add_int32(KEY + key, value)
-            elif isinstance(value, float):
-                w.add_float32(KEY + key, value)
+            add_gguf_value(w, KEY + key, value)
         for name, arr in tensors.items():
             w.add_tensor(name, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_gguf(path, weights.arch, fill)
     return path
 
 

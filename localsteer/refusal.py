@@ -150,7 +150,6 @@ class Scorer:
     def last_logits(self, prompts: Sequence[list[int]], control: tuple[np.ndarray, int] | None = None,
                     lora: tuple[Lora, float] | None = None) -> np.ndarray:
         n_tok = sum(len(p) for p in prompts)
-        rows = []
         with self.model.context(n_ctx=max(512, n_tok), n_batch=max(512, n_tok), n_seq_max=len(prompts),
                                 n_threads=self.n_threads) as ctx:
             if control is not None:
@@ -158,15 +157,7 @@ class Scorer:
                 ctx.set_control(d, il, il)
             if lora is not None:
                 ctx.set_loras([lora])
-            toks, pos, seq, out = [], [], [], []
-            for s, p in enumerate(prompts):
-                toks += p
-                pos += range(len(p))
-                seq += [s] * len(p)
-                out += [False] * (len(p) - 1) + [True]
-            ctx.decode(toks, pos, seq, out)
-            rows = ctx.logits_rows(len(prompts))
-        return rows
+            return ctx.last_logits(prompts)
 
     def score(self, logits: np.ndarray) -> float:
         p = softmax(logits.astype(np.float64))

@@ -377,6 +377,22 @@ class Context:
             outs = [all_logits or (last and i == len(chunk) - 1) for i in range(len(chunk))]
             self.decode(chunk, range(start + off, start + off + len(chunk)), [seq_id] * len(chunk), outs)
 
+    def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Decode each prompt as its own sequence in one batch (the cache is cleared first) and
+        return the next-token logits after each prompt's last token, `(n_prompts, n_vocab)`."""
+        toks: list[int] = []
+        pos: list[int] = []
+        seq: list[int] = []
+        out: list[bool] = []
+        for s, p in enumerate(prompts):
+            toks += p
+            pos += range(len(p))
+            seq += [s] * len(p)
+            out += [False] * (len(p) - 1) + [True]
+        self.clear()
+        self.decode(toks, pos, seq, out)
+        return self.logits_rows(len(prompts))
+
     def logits(self, i: int = -1) -> np.ndarray:
         """Next-token logits `(n_vocab,)` after output `i` of the last decode (-1: the last)."""
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)

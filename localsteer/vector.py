@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .fileio import temp_beside
+from .fileio import add_gguf_value, write_gguf
 from .errors import LayerRangeError, OutputExistsError, VectorError
 
 ARCH = "controlvector"
@@ -169,15 +169,11 @@ class ControlVector:
     # files
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write a GGUF control vector llama.cpp loads with --control-vector; atomic."""
-        import gguf
-
         path = Path(path)
         if path.exists() and not force:
             raise OutputExistsError(f"{path} exists (use --force to overwrite)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_beside(path)
-        try:
-            w = gguf.GGUFWriter(tmp, ARCH)
+
+        def fill(w) -> None:
             w.add_string(f"{ARCH}.model_hint", self.arch)
             w.add_int32(f"{ARCH}.layer_count", self.n_layer - 1)
             w.add_uint32(_KEY_PREFIX + "n_embd", self.n_embd)
@@ -185,18 +181,11 @@ class ControlVector:
             for k, v in sorted(self.meta.items()):
                 if k in ("n_embd", "n_layer") or v is None:
                     continue
-                _add_value(w, _KEY_PREFIX + k, v)
+                add_gguf_value(w, _KEY_PREFIX + k, v)
             for il in range(1, self.n_layer):
                 w.add_tensor(f"direction.{il}", np.ascontiguousarray(self.directions[il]))
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-            w.close()
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        write_gguf(path, ARCH, fill)
         return path
 
     @classmethod
@@ -240,22 +229,6 @@ class ControlVector:
             directions[il] = v
         meta.setdefault("source_file", path.name)
         return cls(directions, str(fields.get(f"{ARCH}.model_hint", "") or ""), meta)
-
-
-def _add_value(w: Any, key: str, v: Any) -> None:
-    if isinstance(v, bool):
-        w.add_bool(key, v)
-    elif isinstance(v, (int, np.integer)):
-        w.add_int64(key, int(v))
-    elif isinstance(v, (float, np.floating)):
-        w.add_float32(key, float(v))
-    elif isinstance(v, str):
-        w.add_string(key, v)
-    elif isinstance(v, (list, tuple, np.ndarray)):
-        vals = [float(x) for x in v]
-        w.add_array(key, vals)
-    else:
-        raise TypeError(f"cannot store {key}={v!r} in GGUF")
 
 
 def _field_value(f: Any) -> Any:
