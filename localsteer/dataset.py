@@ -66,3 +66,33 @@ def _pair(obj: object, where: str) -> Pair:
         prompt, instruction = text("prompt"), text("instruction")
         return Pair(f"{prompt} {instruction}", prompt, assistant)
     raise DatasetError(f"{where}: needs 'positive'/'negative' or 'prompt'/'instruction'")
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def load_split_prompts(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Prompts of a JSONL file of `{"prompt": str, "split": "train"|"validation"|"test"}` lines
+    (e.g. the refusal requests), by split."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path} is not UTF-8 text") from None
+    by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            prompt = obj["prompt"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise TypeError
+            by_split[obj["split"]].append(prompt)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DatasetError(f"{path}:{lineno}: expected {{\"prompt\", \"split\": train|validation|test}}") from None
+    if not any(by_split.values()):
+        raise DatasetError(f"{path} has no prompts")
+    return by_split

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -25,8 +24,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .activations import Progress, collect
+from .dataset import load_split_prompts
 from .errors import DatasetError
+from .linear import logistic_fit, threshold_accuracy
 from .lora import Weights, write_adapter
+from .measure import kl_divergence
 from .runtime import Lora, Model
 from .sampling import softmax
 
@@ -58,22 +60,8 @@ class RefusalSets:
 
 def load_sets(directory: str | os.PathLike) -> RefusalSets:
     directory = Path(directory)
-    sets = []
-    for name in ("harmful", "harmless"):
-        path = directory / f"{name}.jsonl"
-        if not path.is_file():
-            raise DatasetError(f"dataset not found: {path}")
-        by_split: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                by_split[obj["split"]].append(str(obj["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DatasetError(f"{path}:{lineno}: expected {{\"prompt\", \"split\": train|validation|test}}") from None
-        sets.append(by_split)
-    return RefusalSets(*sets)
+    return RefusalSets(load_split_prompts(directory / "harmful.jsonl"),
+                       load_split_prompts(directory / "harmless.jsonl"))
 
 
 def chat(model: Model, user: str) -> list[int]:
@@ -116,7 +104,9 @@ class Candidate:
     why: str = ""
 
     def row(self) -> str:
-        return (f"| {self.layer} | {self.position} | {self.induce:+.2f} | {self.ablate:+.2f} | {self.kl:.3f} | "
+        ablate = "–" if np.isnan(self.ablate) else f"{self.ablate:+.2f}"
+        kl = "–" if np.isnan(self.kl) else f"{self.kl:.3f}"
+        return (f"| {self.layer} | {self.position} | {self.induce:+.2f} | {ablate} | {kl} | "
                 f"{'**selected**' if self.why == 'selected' else self.why} |")
 
 
@@ -166,9 +156,7 @@ class Scorer:
 
 
 def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    p = softmax(p_logits.astype(np.float64))
-    q = softmax(q_logits.astype(np.float64))
-    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+    return float(np.mean(kl_divergence(p_logits, q_logits)))
 
 
 def select_direction(model: Model, weights: Weights, sets: RefusalSets, kl_max: float = 0.1,
@@ -266,37 +254,12 @@ def generate_replies(model: Model, prompts: Sequence[str], max_tokens: int = 32,
 
 # --- INLP (Ravfogel et al. 2020) ---------------------------------------------------------------
 
-def logistic_direction(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 300) -> np.ndarray:
-    """A linear classifier's weight vector (no bias term in the returned direction), fitted by
-    L2-regularised logistic regression with Newton steps on standardised-scale data."""
-    n, d = x.shape
-    mu = x.mean(axis=0)
-    xs = x - mu
-    scale = xs.std() or 1.0
-    xs = xs / scale
-    xb = np.hstack([xs, np.ones((n, 1))])
-    w = np.zeros(d + 1)
-    reg = l2 * n * np.eye(d + 1)
-    reg[-1, -1] = 0.0
-    for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-np.clip(xb @ w, -30, 30)))
-        grad = xb.T @ (p - y) + reg @ w
-        hess = (xb * (p * (1 - p))[:, None]).T @ xb + reg + 1e-9 * np.eye(d + 1)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w[:-1]
+def logistic_direction(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> np.ndarray:
+    """A linear classifier's weight vector (the bias left out), by logistic regression."""
+    return logistic_fit(x, y, l2)[0]
 
 
-def classifier_accuracy(x: np.ndarray, y: np.ndarray, direction: np.ndarray) -> float:
-    """Best accuracy of a threshold on the projection onto `direction` (either sign)."""
-    proj = x @ direction
-    best = 0.0
-    for t in np.unique(proj):
-        acc = np.mean((proj >= t) == (y == 1))
-        best = max(best, acc, 1 - acc)
-    return float(best)
+classifier_accuracy = threshold_accuracy
 
 
 @dataclass
