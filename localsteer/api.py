@@ -9,18 +9,21 @@ from typing import Callable, Sequence
 
 from . import doctor as _doctor
 from . import models as _models
+from . import probe as _probe
 from .dataset import Pair
 from .dataset import load_pairs as _load_pairs
-from .errors import OutputExistsError, VectorError
+from .errors import DatasetError, OutputExistsError, VectorError
 from .extract import ExtractResult
 from .extract import extract as _extract
 from .importance import importance_order
+from .probe import Gate, Probe, Training
 from .runtime import Lora, Model
 from .sampling import DEFAULT_SEED, Sampling
 from .steer import Rejection, Steerer, TokenEvent
 from .vector import ControlVector, format_layers, parse_layers
 
 Progress = Callable[[int, int], None]
+REPO = Path(__file__).resolve().parent.parent
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -249,6 +252,10 @@ class RunResult:
              f"steering: {self.steering}")
         if self.extra.get("rejection"):
             s += f", full-steering acceptance {self.acceptance:.0%}"
+        gate = self.extra.get("gate")
+        if gate:
+            s += (f", probe p={gate['probability']:.2f} {'>=' if gate['steer'] else '<'} "
+                  f"{gate['threshold']:.2f}: {'steered' if gate['steer'] else 'not steered'}")
         return s + "]"
 
 
@@ -256,11 +263,21 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
              sampling: Sampling = Sampling(), max_tokens: int = 128,
              rejection: Rejection | None = None, raw: bool = False, system: str | None = None,
              n_threads: int | None = None, stream: Callable[[str], None] | None = None,
-             steerer: Steerer | None = None, adapters: Sequence[tuple[Lora, float]] = ()) -> RunResult:
-    """Generate a reply; `stream` receives text pieces as they come."""
+             steerer: Steerer | None = None, adapters: Sequence[tuple[Lora, float]] = (),
+             gate: Gate | None = None) -> RunResult:
+    """Generate a reply; `stream` receives text pieces as they come. With a `gate`, the steering
+    applies only if the gate's probe fires on the prompt (else the reply is plain decoding)."""
     import time
 
     tokens = chat_prompt(model, prompt, raw=raw, system=system)
+    decision = gate.decide(tokens) if gate is not None and steering.vector is not None else None
+    gated_off = decision is not None and not decision.steer
+    if gated_off:  # not a target prompt: plain decoding
+        steering, rejection = Steering(None, ()), None
+    restore = None
+    if gated_off and steerer is not None:
+        restore = (steerer.vector, steerer.layers, steerer.rejection, steerer.importance)
+        steerer.configure(None)
     own = steerer is None
     st = steerer or make_steerer(model, steering, rejection, n_threads=n_threads,
                                  n_ctx=max(4096, len(tokens) + max_tokens), adapters=adapters)
@@ -275,20 +292,65 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
     finally:
         if own:
             st.close()
+        elif restore is not None:
+            st.configure(*restore)
     dt = time.perf_counter() - t0
     out = [e.token for e in events]
     text = model.detokenize([t for t in out if not model.is_eog(t)])
     extra = {"layers": format_layers(steering.layers), "seed": sampling.seed,
              "rejection": None if rejection is None else
              {"topk": rejection.topk, "minp": rejection.minp, "recovery": rejection.recovery}}
+    if decision is not None:
+        extra["gate"] = decision.as_dict()
     return RunResult(text, out, events, dt, len(tokens), model.info.name, steering.describe(),
                      extra=extra)
 
 
+# --- side effects -------------------------------------------------------------------------------
+
+BENIGN = REPO / "vectors" / "datasets" / "benign.jsonl"
+
+
+def benign_kl(model: Model, steering: Steering, adapters: Sequence[tuple[Lora, float]] = (),
+              prompts: str | os.PathLike = BENIGN, split: str = "test", n_tokens: int = 16,
+              progress: Progress | None = None) -> tuple[float, int]:
+    """KL(plain ‖ steered) on the benign prompt set (measure.BenignKL), and how many prompts."""
+    from .dataset import load_split_prompts
+    from .measure import BenignKL
+
+    texts = load_split_prompts(prompts)
+    chosen = [p for s in texts for p in texts[s]] if split == "all" else texts.get(split, [])
+    if not chosen:
+        raise DatasetError(f"{prompts} has no prompts in the {split} split")
+    bk = BenignKL(model, [chat_prompt(model, p) for p in chosen], n_tokens, progress=progress)
+    v = steering.vector
+    return bk.measure(None if v is None else v.directions, steering.layers, adapters), len(chosen)
+
+
+# --- probes -------------------------------------------------------------------------------------
+
+def train_probe(model: Model, positive: str | os.PathLike, negative: str | os.PathLike,
+                progress: Progress | None = None) -> Training:
+    """A probe for prompts like those in `positive` vs `negative` (JSONL files with `prompt` and
+    `split`), read at the last token of the chat-templated prompt."""
+    from .dataset import load_split_prompts
+    return train_probe_sets(model, load_split_prompts(positive), load_split_prompts(negative),
+                            name=f"{Path(positive).stem} vs {Path(negative).stem}", progress=progress)
+
+
+def train_probe_sets(model: Model, positive: dict, negative: dict, name: str = "",
+                     progress: Progress | None = None) -> Training:
+    from .refusal import post_instruction_count
+    return _probe.train(model, positive, negative, lambda p: chat_prompt(model, p),
+                        positions=post_instruction_count(model), name=name, progress=progress)
+
+
+def load_gate(model: Model, path: str | os.PathLike) -> Gate:
+    """A gate for `--when PROBE`: steering only where the probe fires."""
+    return Gate(model, Probe.load(path), str(path))
+
+
 # --- evaluation ---------------------------------------------------------------------------------
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 def evaluate(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir: str | os.PathLike,
              limit: int | None = None, max_tokens: int = 48, topk: int = 20,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from . import __version__
 from . import api
@@ -161,10 +162,13 @@ def inspect(vector: Path) -> None:
     click.echo(f"layers:           {format_layers(v.layers) or '(all zero)'} of {v.n_layer}")
     click.echo(f"n_embd:           {v.n_embd}")
     for key in ("method", "model_name", "model_sha256", "dataset", "n_pairs", "prescale", "scale",
-                "layers", "benign_kl"):
+                "layers", "benign_kl", "benign_kl_scale", "benign_kl_model"):
         if key in v.meta:
             label = {"layers": "suggested layers", "scale": "suggested scale"}.get(key, key)
-            click.echo(f"{label + ':':<18}{v.meta[key]}")
+            value = v.meta[key]
+            if key in ("benign_kl", "benign_kl_scale"):
+                value = f"{float(value):.4f}" if key == "benign_kl" else f"{float(value):g}"
+            click.echo(f"{label + ':':<18}{value}")
     click.echo(_norm_line(v.norms()))
 
 
@@ -193,6 +197,8 @@ def inspect(vector: Path) -> None:
                    "every vector was made as one).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA adapter (e.g. refusal-ablate.gguf), optionally scaled; repeatable.")
+@click.option("--when", "when", default=None, metavar="PROBE",
+              help="Steer only if this probe (`localsteer probe train`) fires on the prompt.")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -202,7 +208,7 @@ def inspect(vector: Path) -> None:
 @verbose_option
 @click.argument("prompt")
 def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_p, seed, reject_topk,
-             reject_minp, recovery, reject_fold, loras, raw, system, as_json, events, threads, gpu_layers, verbose,
+             reject_minp, recovery, reject_fold, loras, when, raw, system, as_json, events, threads, gpu_layers, verbose,
              prompt) -> None:
     """Generate a reply to PROMPT, steered by control vectors."""
     lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
@@ -211,9 +217,10 @@ def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_
     rejection = api.rejection_config(reject_topk, reject_minp, recovery, fold=fold)
     sampling = api.sampling_config(temperature, top_k, top_p, min_p, seed)
     adapters = api.load_adapters(lm, loras)
+    gate = api.load_gate(lm, when) if when else None
     run = api.generate(lm, prompt, steering, sampling=sampling, max_tokens=max_tokens,
                        rejection=rejection, raw=raw, system=system, n_threads=threads, adapters=adapters,
-                       stream=None if as_json else _stream_echo)
+                       stream=None if as_json else _stream_echo, gate=gate)
     if as_json:
         obj = run.as_dict(events=events)
         click.echo(json.dumps(obj, ensure_ascii=False))
@@ -225,6 +232,94 @@ def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_
 def _stream_echo(text: str) -> None:
     click.echo(text, nl=False)
     sys.stdout.flush()
+
+
+# --- side effects -------------------------------------------------------------------------------
+
+@main.command()
+@model_option
+@click.option("--vector", "-v", "vectors", multiple=True, metavar="PATH[:SCALE]",
+              help="Control vector (default scale: its suggested one); repeat to compose.")
+@click.option("--layers", "-l", default=None, help="Active layers, e.g. 8-16 (default: the vectors').")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA adapter; repeatable.")
+@click.option("--prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Benign prompts (JSONL: prompt, split) [default: the built-in set].")
+@click.option("--split", type=click.Choice(["train", "validation", "test", "all"]), default="test", show_default=True)
+@click.option("--max-tokens", "-n", type=int, default=16, show_default=True, help="Plain reply length read per prompt.")
+@click.option("--save", is_flag=True,
+              help="Store the result in the vector file (one vector): localsteer.benign_kl at that scale.")
+@verbose_option
+def kl(model, vectors, layers, loras, prompts, split, max_tokens, save, verbose) -> None:
+    """Side effects: KL(plain ‖ steered) of next-token distributions on benign prompts, read along
+    the plain model's own greedy replies."""
+    from .vector import ControlVector
+
+    if not vectors and not loras:
+        raise click.ClickException("give a --vector or a --lora to measure")
+    if save and (len(vectors) != 1 or loras or layers):
+        raise click.ClickException("--save stores the KL of one vector at one scale: give exactly one --vector "
+                                   "and no --lora or --layers")
+    lm = api.load_model(model, verbose=verbose)
+    steering = api.steering_from_specs(lm, vectors, layers)
+    adapters = api.load_adapters(lm, loras)
+    value, n = api.benign_kl(lm, steering, adapters, prompts or api.BENIGN, split, max_tokens,
+                             progress=_progress("benign prompts"))
+    click.echo(f"benign KL(plain ‖ steered): {value:.4f}  ({n} prompts, {split} split, <= {max_tokens} tokens each; "
+               f"steering: {steering.describe()}{'; adapters: ' + ', '.join(loras) if loras else ''})")
+    if save:
+        path, _ = api.parse_spec(vectors[0])
+        scale = steering.parts[0][1]
+        v = ControlVector.load(path).with_meta(benign_kl=value, benign_kl_scale=scale, benign_kl_model=lm.info.name)
+        v.save(path, force=True)
+        click.echo(f"stored in {path}: benign_kl={value:.4f} at scale {scale:g} on {lm.info.name}")
+
+
+@main.group()
+def kts() -> None:
+    """KL-then-steer: a LoRA adapter that keeps a vector's benign side effects small (needs the train extra)."""
+
+
+@kts.command("train")
+@model_option
+@click.option("--vector", "-v", "vector_spec", required=True, metavar="PATH[:SCALE]",
+              help="The control vector the adapter goes with (default scale: its suggested one).")
+@click.option("--prompts", "prompt_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Benign prompts (JSONL: prompt, split); their train split is used. "
+                   "[default: the built-in benign set and the harmless refusal requests]")
+@click.option("--rank", type=int, default=4, show_default=True)
+@click.option("--steps", type=int, default=60, show_default=True)
+@click.option("--batch", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Adapter (.gguf).")
+@force_option
+def kts_train(model, vector_spec, prompt_files, rank, steps, batch, lr, out, force) -> None:
+    """Train a LoRA so that the model steered by VECTOR keeps the plain model's next-token
+    distributions on benign prompts; use it with the vector: `--lora OUT -v VECTOR`."""
+    from . import kts as _kts
+    from .dataset import load_split_prompts
+    from .vector import ControlVector
+
+    api.check_output(out, force)
+    _kts._torch()
+    files = list(prompt_files) or [api.BENIGN, REFUSAL_DATA / "harmless.jsonl"]
+    prompts = [p for f in files for p in load_split_prompts(f)["train"]]
+    if not prompts:
+        raise click.ClickException("no prompts in the train split of the prompt files")
+    lm = api.load_model(model)
+    path, scale = api.parse_spec(vector_spec)
+    v = ControlVector.load(path).fit(lm.arch, lm.n_layer, lm.n_embd, path)
+    scale = v.suggested_scale if scale is None else scale
+    if v.suggested_layers:
+        v = v.only_layers(v.suggested_layers)
+    arch, model_path, name = lm.arch, lm.path, lm.info.name
+    lm.close()  # transformers loads its own copy
+    result = _kts.train(model_path, arch, v * scale, prompts, out,
+                        _kts.KtsConfig(rank=rank, steps=steps, batch=batch, lr=lr), force=force,
+                        log=lambda m: click.echo(m, err=True),
+                        meta={"vector": Path(path).name, "vector_scale": scale, "model": name})
+    click.echo(f"wrote {out}: KL on a training batch {result.start_kl:.4f} without the adapter, "
+               f"{np.mean(result.losses[-10:]):.4f} with it (last 10 steps); {result.seconds:.0f} s")
+    click.echo(f"use it with the vector: localsteer generate --lora {out} -v {vector_spec} ...")
 
 
 # --- chat ---------------------------------------------------------------------------------------
@@ -243,15 +338,19 @@ def _stream_echo(text: str) -> None:
 @click.option("--seed", "-s", type=int, default=None, help="Sampling seed (default: random).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA adapter (e.g. refusal-ablate.gguf), on for the whole session; repeatable.")
+@click.option("--when", "when", default=None, metavar="PROBE",
+              help="Steer only the turns whose prompt this probe (`localsteer probe train`) flags.")
 @threads_option
 @gpu_option
-def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, loras, threads, gpu_layers) -> None:
+def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, loras, when, threads, gpu_layers) -> None:
     """Chat with a model in the terminal, steering it as you go."""
     from localsteer_tui import ChatOptions, run
 
     if reject_topk is not None and reject_topk < 1:
         raise click.BadParameter("must be at least 1", param_hint="--reject-topk")
-    run(ChatOptions(model=model, vectors=tuple(vectors), adapters=tuple(loras), layers=layers, reject_topk=reject_topk,
+    if when is not None and not Path(when).is_file():
+        raise click.ClickException(f"probe file not found: {when}")
+    run(ChatOptions(model=model, vectors=tuple(vectors), adapters=tuple(loras), when=when, layers=layers, reject_topk=reject_topk,
                     max_tokens=max_tokens, sampling=api.sampling_config(temperature=temperature, seed=seed),
                     threads=threads, gpu_layers=gpu_layers))
 
@@ -402,6 +501,63 @@ def refusal_table(model, dataset_dir, directory, split, limit, max_tokens, out, 
         tmp.write_text(md)
         tmp.replace(out)
         click.echo(f"wrote {out}")
+
+
+# --- probes -------------------------------------------------------------------------------------
+
+@main.group()
+def probe() -> None:
+    """Linear probes on prompt activations: steer only the prompts a probe flags (--when)."""
+
+
+@probe.command("train")
+@model_option
+@click.option("--positive", type=click.Path(dir_okay=False, path_type=Path), default=REFUSAL_DATA / "harmful.jsonl",
+              show_default=True, help="Prompts the probe should fire on (JSONL: prompt, split).")
+@click.option("--negative", type=click.Path(dir_okay=False, path_type=Path), default=REFUSAL_DATA / "harmless.jsonl",
+              show_default=True, help="Prompts it should not fire on.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Probe file (.gguf).")
+@force_option
+@verbose_option
+def probe_train(model, positive, negative, out, force, verbose) -> None:
+    """Train a probe: logistic regression per layer on the train split, layer and threshold chosen
+    on validation, precision and recall on test."""
+    api.check_output(out, force)
+    lm = api.load_model(model, verbose=verbose)
+    result = api.train_probe(lm, positive, negative, progress=_progress("prompts"))
+    click.echo(result.report())
+    result.probe.save(out, force=force)
+    click.echo(f"wrote {out}")
+
+
+@probe.command("test")
+@model_option
+@click.argument("probe_file", metavar="PROBE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--positive", type=click.Path(dir_okay=False, path_type=Path), default=REFUSAL_DATA / "harmful.jsonl",
+              show_default=True)
+@click.option("--negative", type=click.Path(dir_okay=False, path_type=Path), default=REFUSAL_DATA / "harmless.jsonl",
+              show_default=True)
+@click.option("--split", type=click.Choice(["train", "validation", "test", "all"]), default="test", show_default=True)
+@verbose_option
+def probe_test(model, probe_file, positive, negative, split, verbose) -> None:
+    """Accuracy, precision and recall of PROBE on labelled prompts."""
+    from .dataset import load_split_prompts
+    from .probe import Scores
+
+    lm = api.load_model(model, verbose=verbose)
+    gate = api.load_gate(lm, probe_file)
+    pos, neg = load_split_prompts(positive), load_split_prompts(negative)
+
+    def pick(d: dict) -> list[str]:
+        return [p for s in d for p in d[s]] if split == "all" else d[split]
+
+    prompts = pick(pos) + pick(neg)
+    if not pick(pos) or not pick(neg):
+        raise click.ClickException(f"need positive and negative prompts in the {split} split")
+    probs = gate.probe.prompt_probability(lm, [api.chat_prompt(lm, p) for p in prompts], progress=_progress("prompts"))
+    labels = [True] * len(pick(pos)) + [False] * len(pick(neg))
+    click.echo(f"{probe_file.name} (layer {gate.probe.layer}, threshold {gate.probe.threshold:.2f}) on {split}: "
+               + Scores.of(probs >= gate.probe.threshold, labels).line())
 
 
 # --- doctor -------------------------------------------------------------------------------------

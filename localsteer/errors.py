@@ -27,3 +27,7 @@ class OutputExistsError(LocalsteerError):
 
 class PullError(LocalsteerError):
     """A known model could not be fetched or failed its checksum."""
+
+
+class ProbeError(LocalsteerError):
+    """A probe file is malformed or does not fit the model."""

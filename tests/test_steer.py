@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from localsteer import api
-from localsteer.dataset import Pair
 from localsteer.extract import directions, pair_activations
-from localsteer.vector import ControlVector
 
 DATASETS = Path(__file__).parent.parent / "vectors" / "datasets"
 GREEDY = api.sampling_config(temperature=0)

@@ -21,7 +21,8 @@ from textual.widgets import Input, ProgressBar
 
 import localsteer.runtime as runtime
 from localsteer import api
-from localsteer_tui import ChatApp, ChatOptions
+from localsteer.vector import ControlVector
+from localsteer_tui import ChatApp, ChatOptions, mix
 from localsteer_tui.screens.compare import CompareScreen
 from localsteer_tui.screens.confirm import ConfirmScreen
 from localsteer_tui.screens.extract import ExtractScreen, parse_typed_pairs
@@ -525,6 +526,25 @@ async def test_status_bar_fits_80_columns(smol, tmp_path):
         await pilot.pause()
         text = str(bar.render())
         assert len(text) <= bar.size.width and "…" in text and "87%" in text, text
+        bar.model, bar.kl = "smollm2-135m-instruct", 0.0383
+        await pilot.pause()
+        text = str(bar.render())
+        assert len(text) <= bar.size.width and "KL 0.04" in text and "87%" in text, text
+
+
+@drive
+async def test_status_bar_shows_the_benign_kl_a_vector_file_carries(smol, tmp_path):
+    vec = tmp_path / "happy.gguf"
+    v = ControlVector.load(SMOL_VECTORS / "happy-sad.gguf")
+    v.with_meta(benign_kl=0.0383, benign_kl_scale=2.0, benign_kl_model=smol.info.name).save(vec)
+    app = make_app(tmp_path, vectors=(f"{vec}:2",))
+    async with app.run_test(size=(120, 30)) as pilot:
+        await loaded(pilot)
+        bar = app.query_one(StatusBar)
+        assert bar.kl == pytest.approx(0.0383) and "benign KL 0.038" in bar.line(200)
+    settings = mix.MixSettings(parts=((vec, 1.0),))
+    assert mix.stored_kl(smol, settings) is None  # measured at another scale
+    assert mix.stored_kl(smol, mix.MixSettings(parts=((vec, 2.0),))) == pytest.approx(0.0383)
 
 
 # --- the look -----------------------------------------------------------------------------------

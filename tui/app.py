@@ -101,7 +101,8 @@ class ChatApp(App[None]):
         try:
             model = api.load_model(o.model, gpu_layers=o.gpu_layers)
             entries, problems = catalog.discover(model, o.model_label, o.vectors, o.shipped_dir, o.user_dir)
-            session = Session(model, n_threads=o.threads, adapters=api.load_adapters(model, o.adapters))
+            gate = api.load_gate(model, o.when) if o.when else None
+            session = Session(model, n_threads=o.threads, adapters=api.load_adapters(model, o.adapters), gate=gate)
             backend = backend_name()
         except (LocalsteerError, ValueError, OSError) as e:
             self.post_message(ModelFailed(str(e)))
@@ -158,6 +159,7 @@ class ChatApp(App[None]):
         self.mailbox.put(choice)
         self.status.layers = format_layers(choice.steering.layers)
         self.status.rejection = f"reject top-{choice.rejection.topk}" if choice.rejection else ""
+        self.status.kl = mix.stored_kl(self.session.model, settings)
 
     # --- chatting -------------------------------------------------------------------------------
 

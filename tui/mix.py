@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localsteer import api
+from localsteer.errors import LocalsteerError
 from localsteer.runtime import Model
 from localsteer.steer import Rejection
 from localsteer.vector import ControlVector, format_layers
@@ -100,3 +101,24 @@ def llama_cpp_commands(model_path: Path, choice: Choice, baked: Path) -> list[st
         lines.append(f"llama-cli -m {q(str(model_path))} {scaled} "
                      f"--control-vector-layer-range {layers[0]} {layers[-1]}")
     return lines
+
+
+def stored_kl(model: Model, settings: MixSettings) -> float | None:
+    """The benign KL a lone vector's file carries (`localsteer kl --save`), when the panel has it
+    at the scale, on the model and on the layers it was measured with; else None."""
+    if len(settings.parts) != 1:
+        return None
+    path, scale = settings.parts[0]
+    try:
+        v = ControlVector.load(path)
+    except LocalsteerError:
+        return None
+    meta = v.meta
+    if meta.get("benign_kl") is None or meta.get("benign_kl_model") != model.info.name:
+        return None
+    if abs(float(meta.get("benign_kl_scale", float("nan"))) - scale) > 1e-6:
+        return None
+    layers = v.suggested_layers or v.layers
+    if settings.layers and settings.layers != format_layers(layers):
+        return None
+    return float(meta["benign_kl"])

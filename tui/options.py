@@ -16,12 +16,14 @@ class ChatOptions:
     `vectors` are `PATH[:SCALE]` specs switched on at the start; the panel also lists the shipped
     vectors for the model (`shipped_dir/<model name>/*.gguf`) and the user's (`user_dir`), off.
     `adapters` (e.g. the refusal ablation of `localsteer refusal direction`) stay on all session:
-    plain and steered replies both come from the adapted model.
+    plain and steered replies both come from the adapted model. `when` is a probe file (`localsteer
+    probe train`): a turn is steered only if the probe flags its prompt.
     """
 
     model: str = models.DEFAULT_MODEL
     vectors: tuple[str, ...] = ()
     adapters: tuple[str, ...] = ()  # LoRA adapters `PATH[:SCALE]`, part of the model on both sides
+    when: str | None = None  # a probe file: steer only the turns it flags
     layers: str | None = None
     reject_topk: int | None = None
     max_tokens: int = 256

@@ -15,13 +15,14 @@ from typing import Callable, Iterator, Sequence
 from localsteer import api, models
 from localsteer.dataset import Pair
 from localsteer.importance import importance_order
+from localsteer.probe import Decision, Gate
 from localsteer.runtime import Lora, Model, backend_devices
 from localsteer.sampling import Sampling
 from localsteer.steer import TokenEvent
 from localsteer.vector import ControlVector
 
 from .conversation import ReplyStats
-from .mix import Choice, Mailbox
+from .mix import PLAIN, Choice, Mailbox
 
 Cancelled = Callable[[], bool]
 
@@ -42,8 +43,9 @@ def backend_name() -> str:
 
 class Session:
     def __init__(self, model: Model, n_threads: int | None = None, n_ctx: int = 4096,
-                 adapters: Sequence[tuple[Lora, float]] = ()):
+                 adapters: Sequence[tuple[Lora, float]] = (), gate: Gate | None = None):
         self.model = model
+        self.gate = gate  # steer only the turns whose prompt the probe flags
         self.n_ctx = n_ctx
         self.steerer = api.make_steerer(model, api.Steering(None, ()), None, n_threads=n_threads, n_ctx=n_ctx,
                                         adapters=adapters)
@@ -103,10 +105,15 @@ class Session:
             prompt, dropped = self.prompt(messages, max_tokens)
             box = mailbox if isinstance(mailbox, Mailbox) else Mailbox(mailbox)
             version, choice = box.latest()
+            gate = _TurnGate(self.gate, prompt)
+            choice = gate.effective(choice)
             importance = self._importance(choice, status)
             self._configure(choice, importance)
             on_applied(0, choice)
-            status(f"left out the {dropped} oldest messages to fit the context" if dropped else "")
+            notes = [f"left out the {dropped} oldest messages to fit the context"] if dropped else []
+            if gate.decision is not None:
+                notes.append(gate.decision.describe())
+            status("; ".join(notes))
             tokens: list[int] = []
             steered = 0
             stopped = False
@@ -126,6 +133,9 @@ class Session:
                         # between two tokens: the next one is chosen with the new mix; layer
                         # importance stays the one ranked for the reply's first mix
                         version, choice = change
+                        choice = gate.effective(choice)
+                        if gate.decision is not None:
+                            status(gate.decision.describe())
                         self._configure(choice, importance)
                         on_applied(ev.index + 1, choice)
             finally:
@@ -151,3 +161,20 @@ class Session:
         with self.hold(cancelled, waiting):
             return api.extract_vector(self.model, pairs, method=method, dataset_name=dataset_name,
                                       progress=step).vector
+
+
+class _TurnGate:
+    """A probe's decision for one reply, taken on its prompt the first time a steered mix is
+    asked for; a mix the probe turns down is replaced by no steering for the whole reply."""
+
+    def __init__(self, gate: Gate | None, prompt: list[int]):
+        self.gate = gate
+        self.prompt = prompt
+        self.decision: Decision | None = None
+
+    def effective(self, choice: Choice) -> Choice:
+        if self.gate is None or choice.steering.vector is None:
+            return choice
+        if self.decision is None:
+            self.decision = self.gate.decide(self.prompt)
+        return choice if self.decision.steer else PLAIN

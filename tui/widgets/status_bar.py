@@ -1,4 +1,5 @@
-"""The status bar: model, backend, speed and full-steering acceptance of the reply, active layers.
+"""The status bar: model, backend, speed and full-steering acceptance of the reply, active layers,
+rejection, and the mix's benign KL when the vector file carries it (`localsteer kl --save`).
 
 It fits its width: when the full line is too long it switches to short labels, then narrower
 separators, then shortens the model name, so an 80-column terminal still shows every item.
@@ -22,6 +23,7 @@ class StatusBar(Widget):
     acceptance: reactive[float | None] = reactive(None)
     layers: reactive[str] = reactive("")
     rejection: reactive[str] = reactive("")
+    kl: reactive[float | None] = reactive(None)  # the mix's benign KL, when its file carries it
     note: reactive[str] = reactive("")
 
     def items(self, short: bool) -> list[str]:
@@ -34,6 +36,8 @@ class StatusBar(Widget):
         out.append(("L " if short else "layers ") + (self.layers or "off"))
         if self.rejection:
             out.append(self.rejection.replace("reject top-", "k=") if short else self.rejection)
+        if self.kl is not None:
+            out.append(f"KL {self.kl:.2f}" if short else f"benign KL {self.kl:.3f}")
         return out
 
     def line(self, width: int) -> str:
