@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # Install localsteer into ./.venv, building llama-cpp-python for this machine, and pull the
-# default model. With --test, also install the test tools and build llama.cpp's own CLI
-# (used by the interop tests and benchmarks).
+# default model. With --train, also the training extra (PyTorch CPU + transformers, for
+# `localsteer kts train` only). With --test, also the test tools, the training extra (its test
+# trains a small adapter) and llama.cpp's own CLI (used by the interop tests and benchmarks).
 #
 #   LOCALSTEER_BACKEND=cuda|metal|cpu   which llama.cpp backend to build (see scripts/cmake_args.sh)
 #   PYTHON=python3.11                   the Python to make the venv with
+#   LOCALSTEER_TORCH=torch==2.13.0      the PyTorch requirement for the training extra (the default
+#                                       is a CPU build; other versions may pull a multi-GB CUDA one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 with_tests=0
-[ "${1:-}" = "--test" ] && with_tests=1
+with_train=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_tests=1; with_train=1 ;;
+    --train) with_train=1 ;;
+    *) echo "install: unknown option $arg (use --test or --train)" >&2; exit 1 ;;
+  esac
+done
 
 py="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$py" -m venv .venv
@@ -28,9 +38,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     --force-reinstall --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
   echo "$want" > "$stamp"
 fi
+extras=()
+[ "$with_tests" = 1 ] && extras+=(test)
+[ "$with_train" = 1 ] && extras+=(train)
 extra=""
-[ "$with_tests" = 1 ] && extra="[test]"
-"$vpy" -m pip install -q --disable-pip-version-check -e ".$extra"
+[ ${#extras[@]} -gt 0 ] && extra="[$(IFS=,; echo "${extras[*]}")]"
+torch=()
+[ "$with_train" = 1 ] && torch=("${LOCALSTEER_TORCH:-torch==2.13.0}")
+"$vpy" -m pip install -q --disable-pip-version-check -e ".$extra" "${torch[@]}"
 .venv/bin/localsteer models pull smollm2-135m-instruct
 if [ "$with_tests" = 1 ]; then
   .venv/bin/localsteer models pull qwen2.5-coder-0.5b-instruct
