@@ -16,7 +16,9 @@ greedy replies are generated under six conditions:
 Each cell records constraint accuracy (the checker passes AND the reply is fluent: perplexity
 under the plain model at most `FLUENT_PPL`), the raw pass rate, task fidelity (the share of
 `vectors/datasets/tasks.jsonl` questions answered correctly under the same condition), the median
-perplexity and tokens/s. Results are saved after every cell, so a rerun skips finished cells.
+perplexity and tokens/s. Per model and type, the vector's side effects are recorded too: benign
+KL (measure.BenignKL on `benign.jsonl`'s test split) at its strength and at `oversteer`. Results
+are saved after every cell, so a rerun skips finished cells.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from typing import Callable, Sequence
 
 from .fileio import temp_beside
 from . import verify
-from .dataset import Pair
-from .measure import FLUENT_PPL, perplexity
+from .dataset import Pair, load_split_prompts
+from .measure import FLUENT_PPL, BenignKL, perplexity
 from .runtime import Model
 from .sampling import Sampling
 from .steer import Rejection, Steerer
@@ -114,6 +116,10 @@ class Results:
 
     def put(self, key: str, cell: Cell) -> None:
         self.data["cells"][key] = cell.as_dict()
+        self.put_extra()
+
+    def put_extra(self) -> None:
+        """Write the file again (after a change to `data` outside the cells)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_beside(self.path)
         with open(tmp, "w") as f:
@@ -145,6 +151,14 @@ def markdown(results: dict) -> str:
             out.append("" if cell is None else
                        f"{cell['accuracy']:.0%} / {cell['fidelity']:.0%} / {cell['perplexity']:.1f}")
         lines.append(f"| {model} | {itype} | " + " | ".join(out) + " |")
+    kls = results.get("benign_kl", {})
+    if kls:
+        lines += ["", f"Side effects: KL(plain ‖ steered) on the built-in benign prompts (test split, along the plain "
+                  f"model's 16-token greedy replies), the vector at its strength and x{settings.get('oversteer', OVERSTEER):g}.",
+                  "", "| model | instruction | benign KL, steer | benign KL, over |", "|---|---|---|---|"]
+        for key, v in sorted(kls.items()):
+            model, itype = key.split("|")
+            lines.append(f"| {model} | {itype} | {v['steer']:.3f} | {v['over']:.3f} |")
     if joint:
         lines += ["", "Composition: both constraints at once, no instruction in the prompt, steering with "
                   "one vector or the sum.", "",
@@ -219,10 +233,29 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
                 log(f"{name} {key:<24} {cond:<16} accuracy {c.accuracy:4.0%}  pass {c.pass_rate:4.0%}  "
                     f"fidelity {c.fidelity:4.0%}  ppl {c.perplexity:6.1f}  {c.tokens_per_second:5.1f} tok/s")
 
+        benign: list[BenignKL] = []
+
+        def side_effects(itype: str, vector: ControlVector) -> None:
+            """Benign KL of the vector at its strength and oversteered (resumable like the cells)."""
+            k = f"{name}|{itype}"
+            kls = results.data.setdefault("benign_kl", {})
+            if k in kls:
+                return
+            if not benign:
+                prompts = load_split_prompts(datasets / "benign.jsonl")["test"]
+                benign.append(BenignKL(model, [model.tokenize(model.apply_chat_template(
+                    [{"role": "user", "content": p}])) for p in (prompts[:limit] if limit else prompts)]))
+            layers = list(vector.layers)
+            kls[k] = {"steer": benign[0].measure(vector.directions, layers),
+                      "over": benign[0].measure(vector.directions * oversteer, layers)}
+            results.put_extra()
+            log(f"{name} {itype:<24} benign KL  steer {kls[k]['steer']:.3f}  over {kls[k]['over']:.3f}")
+
         for itype in types:
             items = verify.split(verify.load_instruction_set(datasets / "instructions" / f"{itype}.jsonl"), "test")
             items = items[:limit] if limit else items
             cell(itype, items, vec_for(itype), [items[0]["check"]], conditions)
+            side_effects(itype, vec_for(itype))
         for a, b in compose:
             items = verify.split(verify.load_instruction_set(datasets / "instructions" / f"{a}.jsonl"), "test")
             items = items[:limit] if limit else items

@@ -28,8 +28,10 @@ def test_eval_grid_runs_resumes_and_reports(tmp_path):
     assert cells["qwen2.5-coder-0.5b-instruct|lowercase|plain"]["pass_rate"] == 0
     assert any(k.startswith("qwen2.5-coder-0.5b-instruct|joint lowercase&exclude_word by lowercase+exclude_word")
                for k in cells)
+    kl = data["benign_kl"]["qwen2.5-coder-0.5b-instruct|lowercase"]
+    assert 0 < kl["steer"] < kl["over"]  # side effects grow with the strength
     md = (out / "results.md").read_text()
-    assert "| qwen2.5-coder-0.5b-instruct | lowercase |" in md and "Composition" in md
+    assert "| qwen2.5-coder-0.5b-instruct | lowercase |" in md and "Composition" in md and "benign KL" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # a rerun finds every cell done and computes nothing
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
