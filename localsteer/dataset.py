@@ -28,25 +28,7 @@ class Pair:
 
 
 def load_pairs(path: str | os.PathLike) -> list[Pair]:
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset not found: {path}")
-    pairs: list[Pair] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path} is not UTF-8 text") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        pairs.append(_pair(obj, f"{path}:{lineno}"))
-    if not pairs:
-        raise DatasetError(f"{path} has no pairs")
-    return pairs
+    return [_pair(obj, where) for where, obj in read_jsonl(path, "pairs")]
 
 
 def _pair(obj: object, where: str) -> Pair:
@@ -71,9 +53,9 @@ def _pair(obj: object, where: str) -> Pair:
 SPLITS = ("train", "validation", "test")
 
 
-def load_split_prompts(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Prompts of a JSONL file of `{"prompt": str, "split": "train"|"validation"|"test"}` lines
-    (e.g. the refusal requests), by split."""
+def read_jsonl(path: str | os.PathLike, items: str = "lines") -> list[tuple[str, object]]:
+    """(where, parsed object) for each non-blank line; DatasetError for a missing, non-UTF-8 or
+    empty file ("has no <items>"), or a line that is not JSON."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset not found: {path}")
@@ -81,18 +63,29 @@ def load_split_prompts(path: str | os.PathLike) -> dict[str, list[str]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DatasetError(f"{path} is not UTF-8 text") from None
-    by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+    rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            rows.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise DatasetError(f"{path} has no {items}")
+    return rows
+
+
+def load_split_prompts(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Prompts of a JSONL file of `{"prompt": str, "split": "train"|"validation"|"test"}` lines
+    (e.g. the refusal requests), by split."""
+    by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for where, obj in read_jsonl(path):
+        try:
             prompt = obj["prompt"]
             if not isinstance(prompt, str) or not prompt.strip():
                 raise TypeError
             by_split[obj["split"]].append(prompt)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DatasetError(f"{path}:{lineno}: expected {{\"prompt\", \"split\": train|validation|test}}") from None
-    if not any(by_split.values()):
-        raise DatasetError(f"{path} has no prompts")
+        except (KeyError, TypeError):
+            raise DatasetError(f"{where}: expected {{\"prompt\", \"split\": train|validation|test}}") from None
     return by_split

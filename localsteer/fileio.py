@@ -1,4 +1,5 @@
-"""Writing files whole: a temporary file next to the target, renamed over it when complete."""
+"""Writing files whole: a temporary file next to the target, renamed over it when complete; and
+reading GGUF files with one-line errors."""
 
 from __future__ import annotations
 
@@ -63,3 +64,28 @@ def write_gguf(path: str | os.PathLike, arch: str, fill: Callable[[Any], None]) 
             os.unlink(tmp)
         raise
     return path
+
+
+def read_gguf(path: str | os.PathLike, error: type[Exception], kind: str) -> tuple[Any, dict[str, Any]]:
+    """A `gguf.GGUFReader` on `path` and its metadata as plain values; `error("<kind> file not
+    found: …")` or `error("… is not a GGUF file …")` when it cannot be read."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{kind} file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/OSError/struct errors on junk
+        raise error(f"{path} is not a GGUF file ({type(e).__name__}: {e})") from None
+    return reader, {name: _field_value(f) for name, f in reader.fields.items()}
+
+
+def _field_value(f: Any) -> Any:
+    try:
+        v = f.contents()
+    except Exception:
+        return None
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v

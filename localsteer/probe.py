@@ -27,7 +27,7 @@ import numpy as np
 
 from .activations import Progress, collect
 from .errors import DatasetError, OutputExistsError, ProbeError
-from .fileio import add_gguf_value, write_gguf
+from .fileio import add_gguf_value, read_gguf, write_gguf
 from .linear import log_loss, logistic_fit, sigmoid
 from .runtime import Model
 
@@ -117,18 +117,8 @@ class Probe:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Probe":
-        import gguf
-
-        from .vector import _field_value
-
         path = Path(path)
-        if not path.is_file():
-            raise ProbeError(f"probe file not found: {path}")
-        try:
-            reader = gguf.GGUFReader(path)
-        except Exception as e:
-            raise ProbeError(f"{path} is not a GGUF file ({type(e).__name__}: {e})") from None
-        fields = {name: _field_value(f) for name, f in reader.fields.items()}
+        reader, fields = read_gguf(path, ProbeError, "probe")
         if fields.get("general.architecture") != ARCH:
             raise ProbeError(f"{path} is a GGUF file but not a probe (architecture "
                              f"{fields.get('general.architecture')!r}): make one with `localsteer probe train`")

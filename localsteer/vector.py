@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .fileio import add_gguf_value, write_gguf
+from .fileio import add_gguf_value, read_gguf, write_gguf
 from .errors import LayerRangeError, OutputExistsError, VectorError
 
 ARCH = "controlvector"
@@ -191,16 +191,8 @@ class ControlVector:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ControlVector":
         """Read a GGUF control vector: ours, repeng's or llama.cpp cvector-generator's."""
-        import gguf
-
         path = Path(path)
-        if not path.is_file():
-            raise VectorError(f"vector file not found: {path}")
-        try:
-            reader = gguf.GGUFReader(path)
-        except Exception as e:  # gguf raises ValueError/OSError/struct errors on junk
-            raise VectorError(f"{path} is not a GGUF file ({type(e).__name__}: {e})") from None
-        fields = {name: _field_value(f) for name, f in reader.fields.items()}
+        reader, fields = read_gguf(path, VectorError, "vector")
         arch = fields.get("general.architecture")
         dirs: dict[int, np.ndarray] = {}
         for t in reader.tensors:
@@ -229,13 +221,3 @@ class ControlVector:
             directions[il] = v
         meta.setdefault("source_file", path.name)
         return cls(directions, str(fields.get(f"{ARCH}.model_hint", "") or ""), meta)
-
-
-def _field_value(f: Any) -> Any:
-    try:
-        v = f.contents()
-    except Exception:
-        return None
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    return v

@@ -42,9 +42,9 @@ import json
 import os
 import re
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Callable, Iterable
 
+from .dataset import read_jsonl
 from .errors import DatasetError
 
 SPLITS = ("train", "validation", "test")
@@ -178,29 +178,6 @@ def task_correct(answers: Iterable[str], text: str) -> bool:
     return False
 
 
-def _read_lines(path: str | os.PathLike) -> list[tuple[str, object]]:
-    """(where, parsed object) for each non-blank line; DatasetError for a missing, non-UTF-8 or
-    empty file, or a line that is not JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path} is not UTF-8 text") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    if not rows:
-        raise DatasetError(f"{path} has no lines")
-    return rows
-
-
 def _text_field(obj: dict, key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value.strip():
@@ -216,7 +193,7 @@ def load_instruction_set(path: str | os.PathLike) -> list[dict]:
     spec that differs from the first line's.
     """
     items: list[dict] = []
-    for where, obj in _read_lines(path):
+    for where, obj in read_jsonl(path):
         if not isinstance(obj, dict):
             raise DatasetError(f"{where}: expected a JSON object")
         prompt = _text_field(obj, "prompt", where)
@@ -247,7 +224,7 @@ def load_tasks(path: str | os.PathLike) -> list[dict]:
     """The task-fidelity questions, each `{"question": str, "answers": [str, ...]}`; DatasetError
     (with file:line) for a malformed line."""
     tasks: list[dict] = []
-    for where, obj in _read_lines(path):
+    for where, obj in read_jsonl(path):
         if not isinstance(obj, dict):
             raise DatasetError(f"{where}: expected a JSON object")
         question = _text_field(obj, "question", where)

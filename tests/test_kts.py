@@ -14,6 +14,17 @@ from localsteer.runtime import Lora
 from localsteer.vector import ControlVector
 
 ROOT = Path(__file__).parent.parent
+
+
+def kl_without_and_with(model, vector: ControlVector, prompts: list[str], adapter: Path, n_tokens: int):
+    """Benign KL of `vector` alone, and with the adapter loaded (llama.cpp must accept it)."""
+    bk = BenignKL(model, [api.chat_prompt(model, p) for p in prompts], n_tokens=n_tokens)
+    lora = Lora(model, adapter)
+    try:
+        return (bk.measure(vector.directions, vector.layers),
+                bk.measure(vector.directions, vector.layers, [(lora, 1.0)]))
+    finally:
+        lora.close()
 BENIGN = load_split_prompts(ROOT / "vectors" / "datasets" / "benign.jsonl")
 QWEN05 = ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct"
 
@@ -27,26 +38,15 @@ def test_short_kts_run_lowers_benign_kl_on_held_out_prompts(smol, smol_path, tmp
     out = kts.train(smol_path, smol.arch, v, BENIGN["train"][:8], tmp_path / "kts.gguf",
                     kts.KtsConfig(steps=12, batch=4, lr=3e-3), log=lambda m: None)
     assert out.losses[-1] < out.start_kl / 2
-    held_out = [api.chat_prompt(smol, p) for p in BENIGN["test"][:6]]  # never seen in training
-    bk = BenignKL(smol, held_out, n_tokens=12)
-    lora = Lora(smol, out.path)  # llama.cpp accepts it as a LoRA for this model
-    try:
-        steered = bk.measure(v.directions, v.layers)
-        with_kts = bk.measure(v.directions, v.layers, [(lora, 1.0)])
-    finally:
-        lora.close()
+    # held-out prompts: the test split was never seen in training
+    steered, with_kts = kl_without_and_with(smol, v, BENIGN["test"][:6], out.path, 12)
     assert with_kts < 0.6 * steered, (steered, with_kts)
 
 
 def test_shipped_kts_adapter_lowers_the_refusal_vectors_benign_kl(qwen05):
     v = ControlVector.load(QWEN05 / "refusal" / "refusal-add.gguf")
-    bk = BenignKL(qwen05, [api.chat_prompt(qwen05, p) for p in BENIGN["test"][:4]], n_tokens=8)
-    lora = Lora(qwen05, QWEN05 / "refusal" / "refusal-add-kts.gguf")
-    try:
-        steered = bk.measure(v.directions, v.layers)
-        with_kts = bk.measure(v.directions, v.layers, [(lora, 1.0)])
-    finally:
-        lora.close()
+    adapter = QWEN05 / "refusal" / "refusal-add-kts.gguf"
+    steered, with_kts = kl_without_and_with(qwen05, v, BENIGN["test"][:4], adapter, 8)
     assert with_kts < 0.5 * steered, (steered, with_kts)
 
 
