@@ -388,7 +388,9 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
               metavar="A+B", help="Pairs of types to steer together (joint accuracy).")
 @click.option("--limit", type=int, default=None, help="At most N test prompts and N task questions.")
 @click.option("--max-tokens", "-n", type=int, default=48, show_default=True)
-@click.option("--reject-topk", type=int, default=20, show_default=True)
+@click.option("--reject-topk", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--reject-minp", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Rejection's second test: plain probability >= this x the plain maximum (0: off).")
 @click.option("--oversteer", type=float, default=4.0, show_default=True,
               help="Strength multiplier of the 'over' conditions.")
 @click.option("--conditions", default=None, help="Only these conditions (comma-separated; default: all).")
@@ -396,8 +398,8 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
               show_default=True, help="Directory for results.json and results.md (a rerun resumes).")
 @threads_option
 @verbose_option
-def eval_(model_names, types, compose, limit, max_tokens, reject_topk, oversteer, conditions, out, threads,
-          verbose) -> None:
+def eval_(model_names, types, compose, limit, max_tokens, reject_topk, reject_minp, oversteer, conditions, out,
+          threads, verbose) -> None:
     """Instruction-following accuracy, task fidelity and fluency with and without steering."""
     from .evaluate import CONDITIONS
     cond_list = [c for c in (conditions or "").split(",") if c] or list(CONDITIONS)
@@ -414,9 +416,17 @@ def eval_(model_names, types, compose, limit, max_tokens, reject_topk, oversteer
         if not sep or a not in ALL_TYPES.split(",") or b not in ALL_TYPES.split(","):
             raise click.ClickException(f"bad --compose {spec!r}: use two types joined by +")
         pairs.append((a, b))
+    from .evaluate import check_settings
+    try:
+        old = json.loads((out / "results.json").read_text()).get("settings", {}) if (out / "results.json").is_file() else {}
+        check_settings(old, {"max_tokens": max_tokens, "reject_topk": reject_topk, "reject_minp": reject_minp,
+                             "oversteer": oversteer}, out)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
     models = [(name, api.load_model(name, verbose=verbose)) for name in model_names]
     results = api.evaluate(models, type_list, out, limit=limit, max_tokens=max_tokens, topk=reject_topk,
-                           compose=pairs, log=click.echo, oversteer=oversteer, conditions=cond_list)
+                           compose=pairs, log=click.echo, oversteer=oversteer, conditions=cond_list,
+                           minp=reject_minp)
     png = out / "results.png"
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}"
                + (f", {png}" if png.is_file() else " (no plot: pip install 'localsteer[plot]')")
@@ -440,12 +450,16 @@ def refusal() -> None:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the vector, the adapters and selection.md.")
 @click.option("--inlp-rounds", type=int, default=8, show_default=True)
+@click.option("--kl-max", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Largest KL(plain || ablated) on the harmless validation prompts a candidate may have.")
 @force_option
 @verbose_option
-def refusal_direction(model, dataset_dir, out, inlp_rounds, force, verbose) -> None:
+def refusal_direction(model, dataset_dir, out, inlp_rounds, kl_max, force, verbose) -> None:
     """Select the refusal direction on the validation split and write the interventions:
     refusal-add.gguf (control vector), refusal-ablate.gguf (LoRA: directional ablation),
-    inlp-project.gguf and inlp-flip.gguf (LoRA: INLP), random-ablate.gguf (control)."""
+    inlp-project.gguf and inlp-flip.gguf (LoRA: INLP), random-ablate.gguf (control). The candidate
+    scores are kept in candidates.json there: a rerun (--force, e.g. another --kl-max) reuses them,
+    and an interrupted run resumes."""
     from . import refusal as rf
     from .models import fingerprint
 
@@ -456,7 +470,7 @@ def refusal_direction(model, dataset_dir, out, inlp_rounds, force, verbose) -> N
                 raise click.ClickException(f"{out / f} exists (use --force to overwrite)")
     lm = api.load_model(model, verbose=verbose)
     sel = rf.build(lm, sets, out, model_sha256=fingerprint(lm.path), force=force, inlp_rounds=inlp_rounds,
-                   log=lambda s: click.echo(s, err=True), progress=_progress("candidates"))
+                   kl_max=kl_max, log=lambda s: click.echo(s, err=True), progress=_progress("candidates"))
     click.echo((out / rf.FILES["selection"]).read_text())
     click.echo(f"wrote {', '.join(str(out / f) for f in rf.FILES.values())}")
     click.echo("use in llama.cpp:")

@@ -60,12 +60,38 @@ class Cell:
 
 def _reply(model: Model, steerer: Steerer, user: str, max_tokens: int) -> tuple[str, list[int], list[int], float]:
     import time
-    prompt = model.tokenize(model.apply_chat_template([{"role": "user", "content": user}]))
+    prompt = model.user_prompt(user)
     t0 = time.perf_counter()
     toks = [e.token for e in steerer.generate(prompt, max_tokens, Sampling(temperature=0))]
     dt = time.perf_counter() - t0
     body = [t for t in toks if not model.is_eog(t)]
     return model.detokenize(body), prompt, body, len(toks) / dt if dt > 0 else 0.0
+
+
+@dataclass
+class Replies:
+    """Greedy replies to a prompt set, checked: `passes` of them pass every check, `fluent` of those
+    also have perplexity <= FLUENT_PPL under the plain model."""
+    texts: list[str]
+    passes: int
+    fluent: int
+    perplexities: list[float]
+    speeds: list[float]
+
+
+def score_replies(model: Model, steerer: Steerer, users: Sequence[str], checks: Sequence[dict],
+                  max_tokens: int) -> Replies:
+    r = Replies([], 0, 0, [], [])
+    for user in users:
+        text, prompt, body, speed = _reply(model, steerer, user, max_tokens)
+        ok = all(verify.check(c, text) for c in checks)
+        ppl = perplexity(model, prompt, body) if body else float("inf")
+        r.texts.append(text)
+        r.passes += ok
+        r.fluent += ok and ppl <= FLUENT_PPL
+        r.perplexities.append(ppl)
+        r.speeds.append(speed)
+    return r
 
 
 def run_cell(model: Model, condition: str, items: Sequence[dict], tasks: Sequence[dict],
@@ -81,17 +107,8 @@ def run_cell(model: Model, condition: str, items: Sequence[dict], tasks: Sequenc
     st = Steerer(model, vector if steered else None, layers if steered else None, rej,
                  importance if rej else None, details=False)
     try:
-        passes, fluent_passes, ppls, speeds, sample = 0, 0, [], [], ""
-        for it in items:
-            user = f"{it['prompt']} {it['instruction']}" if with_instr else it["prompt"]
-            text, prompt, body, speed = _reply(model, st, user, max_tokens)
-            ok = all(verify.check(c, text) for c in checks)
-            ppl = perplexity(model, prompt, body) if body else float("inf")
-            passes += ok
-            fluent_passes += ok and ppl <= FLUENT_PPL
-            ppls.append(ppl)
-            speeds.append(speed)
-            sample = sample or text
+        users = [f"{it['prompt']} {it['instruction']}" if with_instr else it["prompt"] for it in items]
+        r = score_replies(model, st, users, checks, max_tokens)
         correct = 0
         for t in tasks:
             user = f"{t['question']} {items[0]['instruction']}" if with_instr else t["question"]
@@ -100,8 +117,9 @@ def run_cell(model: Model, condition: str, items: Sequence[dict], tasks: Sequenc
     finally:
         st.close()
     n = len(items)
-    return Cell(fluent_passes / n, passes / n, correct / max(1, len(tasks)), statistics.median(ppls),
-                statistics.mean(speeds), n, sample[:200])
+    sample = next((t for t in r.texts if t), "")
+    return Cell(r.fluent / n, r.passes / n, correct / max(1, len(tasks)), statistics.median(r.perplexities),
+                statistics.mean(r.speeds), n, sample[:200])
 
 
 class Results:
@@ -141,7 +159,9 @@ def markdown(results: dict) -> str:
     lines = [f"Constraint accuracy (checker passes and perplexity <= {FLUENT_PPL:g}) / task fidelity / "
              "median perplexity, greedy, test split"
              + (f"; replies of {settings['max_tokens']} tokens, task answers of {settings['task_tokens']}, "
-                f"rejection top-{settings['reject_topk']}, over = the vector x{settings['oversteer']:g}"
+                f"rejection top-{settings['reject_topk']}"
+                + (f" and min-p {settings['reject_minp']:g}" if settings.get("reject_minp") else "")
+                + f", over = the vector x{settings['oversteer']:g}"
                 if settings else "") + ".", "",
              "| model | instruction | " + " | ".join(CONDITIONS) + " |", "|---|---|" + "---|" * len(CONDITIONS)]
     for (model, itype), cells in sorted(rows.items()):
@@ -193,17 +213,31 @@ def instruction_vector(model: Model, model_name: str, itype: str, datasets: Path
     return res.vector
 
 
+DEFAULT_SETTINGS = {"reject_minp": 0.0}  # settings that older results files do not name
+
+
+def check_settings(old: dict, new: dict, out_dir: Path) -> None:
+    """A resumed grid must be run with the settings its finished cells were made with."""
+    differ = [k for k in new if {**DEFAULT_SETTINGS, **old}.get(k, new[k]) != new[k]]
+    if differ:
+        raise ValueError(f"{out_dir / 'results.json'} was made with other settings ("
+                         + ", ".join(f"{k} {old.get(k, DEFAULT_SETTINGS.get(k))} here, {new[k]} asked" for k in differ)
+                         + "): use another --out, or the same settings to resume")
+
+
 def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir: Path, datasets: Path,
              vectors: Path, limit: int | None = None, max_tokens: int = 48, topk: int = 20,
              compose: Sequence[tuple[str, str]] = (), log: Callable[[str], None] = print,
-             oversteer: float = OVERSTEER, conditions: Sequence[str] = CONDITIONS) -> Results:
+             oversteer: float = OVERSTEER, conditions: Sequence[str] = CONDITIONS, minp: float = 0.0) -> Results:
     """The whole grid; returns the results (also in out_dir/results.json and results.md)."""
     from .importance import importance_order
     from .models import quick_fingerprint
 
     results = Results(out_dir / "results.json")
-    results.data["settings"] = {"max_tokens": max_tokens, "task_tokens": min(max_tokens, TASK_TOKENS),
-                                "reject_topk": topk, "oversteer": oversteer, "fluent_ppl": FLUENT_PPL}
+    settings = {"max_tokens": max_tokens, "task_tokens": min(max_tokens, TASK_TOKENS), "reject_topk": topk,
+                "reject_minp": minp, "oversteer": oversteer, "fluent_ppl": FLUENT_PPL}
+    check_settings(results.data.get("settings", {}), settings, out_dir)
+    results.data["settings"] = settings
     tasks = [json.loads(line) for line in (datasets / "tasks.jsonl").read_text().splitlines() if line.strip()]
     tasks = tasks[:limit] if limit else tasks
     for name, model in models:
@@ -218,7 +252,7 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
         def cell(key: str, items, vector, checks, conditions):
             layers = list(vector.layers)
             # case-rewrite vectors ask for plausibility up to letter case (steer.Rejection.fold)
-            rejection = Rejection(topk=topk, fold=str(vector.meta.get("reject_fold", "none")))
+            rejection = Rejection(topk=topk, minp=minp, fold=str(vector.meta.get("reject_fold", "none")))
             orders: dict[bool, list[int]] = {}
             for cond in conditions:
                 k = f"{name}|{key}|{cond}"
@@ -243,8 +277,8 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
                 return
             if not benign:
                 prompts = load_split_prompts(datasets / "benign.jsonl")["test"]
-                benign.append(BenignKL(model, [model.tokenize(model.apply_chat_template(
-                    [{"role": "user", "content": p}])) for p in (prompts[:limit] if limit else prompts)]))
+                prompts = prompts[:limit] if limit else prompts
+                benign.append(BenignKL(model, [model.user_prompt(p) for p in prompts]))
             layers = list(vector.layers)
             kls[k] = {"steer": benign[0].measure(vector.directions, layers),
                       "over": benign[0].measure(vector.directions * oversteer, layers)}
@@ -256,7 +290,7 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
             items = items[:limit] if limit else items
             cell(itype, items, vec_for(itype), [items[0]["check"]], conditions)
             side_effects(itype, vec_for(itype))
-        for a, b in compose:
+        for a, b in compose if "steer" in conditions else ():  # joint cells are `steer` cells
             items = verify.split(verify.load_instruction_set(datasets / "instructions" / f"{a}.jsonl"), "test")
             items = items[:limit] if limit else items
             check_b = verify.load_instruction_set(datasets / "instructions" / f"{b}.jsonl")[0]["check"]

@@ -35,8 +35,7 @@ PROMPTS = (
 
 def layer_kl(model: Model, vector: ControlVector, layers: Sequence[int]) -> dict[int, float]:
     """Mean KL(plain || steered only at layer il) over `PROMPTS`, for each il in `layers`."""
-    prompts = [model.tokenize(model.apply_chat_template([{"role": "user", "content": p}]))
-               for p in PROMPTS]
+    prompts = [model.user_prompt(p) for p in PROMPTS]
     n_tok = sum(len(p) for p in prompts)
     ctx = model.context(n_ctx=max(256, n_tok), n_batch=max(256, n_tok), n_seq_max=len(prompts))
     try:

@@ -43,10 +43,6 @@ class InstructionResult:
     seconds: float
 
 
-def _chat(model: Model, user: str) -> list[int]:
-    return model.tokenize(model.apply_chat_template([{"role": "user", "content": user}]))
-
-
 def candidate_layers(n_layer: int, step: int = 2) -> list[int]:
     """The middle half of the model, every `step` layers."""
     return list(range(max(1, n_layer // 4), max(2, (3 * n_layer) // 4) + 1, step))
@@ -64,8 +60,8 @@ def extract_instruction(model: Model, train: Sequence[Pair], validation: Sequenc
         raise DatasetError("no validation pairs (lines with \"split\": \"validation\")")
     t0 = time.perf_counter()
     layers = list(layers or candidate_layers(model.n_layer))
-    with_instr = [_chat(model, p.positive) for p in train]
-    without = [_chat(model, p.negative) for p in train]
+    with_instr = [model.user_prompt(p.positive) for p in train]
+    without = [model.user_prompt(p.negative) for p in train]
     n_val = len(validation)
     total = 2 * len(train) + len(layers) * n_val
     done = 0
@@ -83,7 +79,7 @@ def extract_instruction(model: Model, train: Sequence[Pair], validation: Sequenc
     tick(len(train))
 
     greedy = Sampling(temperature=0)
-    val_prompts = [_chat(model, p.negative) for p in validation]
+    val_prompts = [model.user_prompt(p.negative) for p in validation]
     steerer = Steerer(model, details=False)
     vectors: dict[int, ControlVector] = {}
     scores: list[LayerScore] = []

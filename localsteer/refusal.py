@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -64,15 +66,11 @@ def load_sets(directory: str | os.PathLike) -> RefusalSets:
                        load_split_prompts(directory / "harmless.jsonl"))
 
 
-def chat(model: Model, user: str) -> list[int]:
-    return model.tokenize(model.apply_chat_template([{"role": "user", "content": user}]))
-
-
 def post_instruction_count(model: Model) -> int:
     """How many tokens the chat template puts after the user's message (e.g. Qwen's
     `<|im_end|>\\n<|im_start|>assistant\\n` = 5)."""
     # two messages whose last tokens differ, so the common tail is the template's alone
-    a, b = chat(model, "Hello"), chat(model, "Goodbye")
+    a, b = model.user_prompt("Hello"), model.user_prompt("Goodbye")
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1
@@ -82,7 +80,7 @@ def post_instruction_count(model: Model) -> int:
 def position_means(model: Model, prompts: Sequence[str], n_post: int) -> np.ndarray:
     """Mean residual stream `(n_post, n_layer, n_embd)` at each post-instruction position
     (index 0 = the last token), over `prompts`."""
-    toks = [chat(model, p) for p in prompts]
+    toks = [model.user_prompt(p) for p in prompts]
     out = np.zeros((n_post, model.n_layer, model.n_embd), dtype=np.float64)
     prev = np.zeros((model.n_layer, model.n_embd), dtype=np.float64)
     for k in range(1, n_post + 1):
@@ -159,34 +157,83 @@ def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(np.mean(kl_divergence(p_logits, q_logits)))
 
 
+class CandidateCache:
+    """Candidate scores of one selection run, kept in a JSON file next to the outputs and saved after
+    every candidate, so an interrupted selection resumes and a rerun with another KL bound is instant.
+    `key` names what the scores depend on (model, datasets, scorer); a file with another key is ignored."""
+
+    def __init__(self, path: str | os.PathLike | None, key: dict):
+        self.path = Path(path) if path else None
+        self.key = key
+        self.scores: dict[str, dict] = {}
+        if self.path and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            if data.get("key") == key:
+                self.scores = data.get("scores", {})
+
+    def get(self, name: str) -> dict:
+        return self.scores.get(name, {})
+
+    def put(self, name: str, **values: float) -> None:
+        self.scores.setdefault(name, {}).update(values)
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".part")
+            tmp.write_text(json.dumps({"key": self.key, "scores": self.scores}, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+
+
+def prompts_digest(*prompt_lists: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for prompts in prompt_lists:
+        h.update(json.dumps(list(prompts)).encode())
+    return h.hexdigest()
+
+
 def select_direction(model: Model, weights: Weights, sets: RefusalSets, kl_max: float = 0.1,
                      top: int = 12, max_layer_frac: float = 0.8, workdir: str | os.PathLike | None = None,
-                     progress: Progress | None = None) -> Selection:
+                     cache: CandidateCache | None = None, progress: Progress | None = None) -> Selection:
     """Arditi-style selection of the refusal direction among (layer, post-instruction position)
     candidates. Addition (a control vector, cheap) is scored for all candidates; ablation (an
-    adapter per candidate) for the `top` best inducers."""
+    adapter per candidate) for the `top` best inducers. Scores found in `cache` are not recomputed."""
     t0 = time.perf_counter()
     for split in ("train", "validation"):
         if not sets.harmful[split] or not sets.harmless[split]:
             raise DatasetError(f"the refusal datasets need harmful and harmless prompts in the {split} split")
+    cache = cache or CandidateCache(None, {})
     n_post = post_instruction_count(model)
     mean_h = position_means(model, sets.harmful["train"], n_post)
     mean_b = position_means(model, sets.harmless["train"], n_post)
     r_all = mean_h - mean_b  # (n_post, n_layer, n_embd)
     scorer = Scorer(model)
-    val_h = [chat(model, p) for p in sets.harmful["validation"]]
-    val_b = [chat(model, p) for p in sets.harmless["validation"]]
-    base_h = scorer.score(scorer.last_logits(val_h))
-    plain_b = scorer.last_logits(val_b)
-    base_b = scorer.score(plain_b)
+    val_h = [model.user_prompt(p) for p in sets.harmful["validation"]]
+    val_b = [model.user_prompt(p) for p in sets.harmless["validation"]]
+    plain_b: np.ndarray | None = None
+
+    def plain_harmless() -> np.ndarray:
+        nonlocal plain_b
+        if plain_b is None:
+            plain_b = scorer.last_logits(val_b)
+        return plain_b
+
+    if "plain" not in cache.scores:
+        cache.put("plain", harmful=scorer.score(scorer.last_logits(val_h)),
+                  harmless=scorer.score(plain_harmless()))
+    base_h, base_b = cache.get("plain")["harmful"], cache.get("plain")["harmless"]
     max_layer = int(max_layer_frac * model.n_layer)
     cands = [Candidate(il, pos) for il in range(1, max_layer) for pos in range(n_post)]
     total = len(cands) + min(top, len(cands))
     done = 0
     for c in cands:
-        d = np.zeros((model.n_layer, model.n_embd), dtype=np.float32)
-        d[c.layer] = r_all[c.position, c.layer]
-        c.induce = scorer.score(scorer.last_logits(val_b, control=(d, c.layer)))
+        name = f"{c.layer}/{c.position}"
+        if "induce" not in cache.get(name):
+            d = np.zeros((model.n_layer, model.n_embd), dtype=np.float32)
+            d[c.layer] = r_all[c.position, c.layer]
+            cache.put(name, induce=scorer.score(scorer.last_logits(val_b, control=(d, c.layer))))
+        c.induce = cache.get(name)["induce"]
         done += 1
         if progress:
             progress(done, total)
@@ -194,13 +241,16 @@ def select_direction(model: Model, weights: Weights, sets: RefusalSets, kl_max: 
     tmpdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="localsteer-refusal-"))
     tmpdir.mkdir(parents=True, exist_ok=True)
     for c in ranked[:top]:
-        path = write_adapter(tmpdir / "candidate.gguf", weights, r_all[c.position, c.layer], force=True)
-        lora = Lora(model, path)
-        try:
-            c.ablate = scorer.score(scorer.last_logits(val_h, lora=(lora, 1.0)))
-            c.kl = kl_rows(plain_b, scorer.last_logits(val_b, lora=(lora, 1.0)))
-        finally:
-            lora.close()
+        name = f"{c.layer}/{c.position}"
+        if "kl" not in cache.get(name):
+            path = write_adapter(tmpdir / "candidate.gguf", weights, r_all[c.position, c.layer], force=True)
+            lora = Lora(model, path)
+            try:
+                cache.put(name, ablate=scorer.score(scorer.last_logits(val_h, lora=(lora, 1.0))),
+                          kl=kl_rows(plain_harmless(), scorer.last_logits(val_b, lora=(lora, 1.0))))
+            finally:
+                lora.close()
+        c.ablate, c.kl = cache.get(name)["ablate"], cache.get(name)["kl"]
         done += 1
         if progress:
             progress(done, total)
@@ -242,7 +292,7 @@ def generate_replies(model: Model, prompts: Sequence[str], max_tokens: int = 32,
     try:
         for p in prompts:
             t0 = time.perf_counter()
-            toks = [e.token for e in st.generate(chat(model, p), max_tokens, Sampling(temperature=0))]
+            toks = [e.token for e in st.generate(model.user_prompt(p), max_tokens, Sampling(temperature=0))]
             secs += time.perf_counter() - t0
             n_tok += len(toks)
             out.append(model.detokenize([t for t in toks if not model.is_eog(t)]))
@@ -298,7 +348,7 @@ def inlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.
 
 def activations_at(model: Model, prompts: Sequence[str], layer: int, position: int) -> np.ndarray:
     """The residual stream `(n_prompts, n_embd)` at one layer and post-instruction position."""
-    toks = [chat(model, p) for p in prompts]
+    toks = [model.user_prompt(p) for p in prompts]
     a = collect(model, toks, layers=[layer], last_n=position + 1)[:, layer].astype(np.float64) * (position + 1)
     if position == 0:
         return a.astype(np.float32)
@@ -365,7 +415,7 @@ def measure(model: Model, name: str, harmful: Sequence[str], harmless: Sequence[
         if control is not None:
             d, layers = control
             ctl = (d, min(layers)) if len(layers) == 1 else None
-        prompts = [chat(model, p) for p in harmless]
+        prompts = [model.user_prompt(p) for p in harmless]
         if control is not None and ctl is None:
             raise ValueError("the KL measure takes single-layer controls")
         kl = kl_rows(plain_harmless, scorer.last_logits(prompts, control=ctl, lora=loras[0] if loras else None))
@@ -397,10 +447,15 @@ FILES = {"addition": "refusal-add.gguf", "ablation": "refusal-ablate.gguf", "inl
          "random": "random-ablate.gguf", "selection": "selection.md"}
 
 
+CACHE = "candidates.json"  # the candidate scores (CandidateCache), beside the outputs
+
+
 def build(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, model_sha256: str = "",
-          force: bool = False, inlp_rounds: int = 8, seed: int = 0,
+          force: bool = False, inlp_rounds: int = 8, seed: int = 0, kl_max: float = 0.1,
           log: Callable[[str], None] = lambda s: None, progress: Progress | None = None) -> Selection:
-    """Select the refusal direction and write every intervention into `out_dir` (see FILES)."""
+    """Select the refusal direction and write every intervention into `out_dir` (see FILES). The
+    candidate scores are kept in `out_dir`/candidates.json and reused by a rerun on the same model and
+    datasets (e.g. with another `kl_max`)."""
     from .errors import OutputExistsError
     from .lora import residual_writers
     from .vector import ControlVector
@@ -413,8 +468,15 @@ def build(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, model_sha
     log("reading the weights that write into the residual stream (dequantized)…")
     weights = residual_writers(model.path)
     log("scoring candidate directions on the validation split…")
+    key = {"model_sha256": model_sha256 or model.info.name, "scorer": "first-token-openers-v1",
+           "prompts": prompts_digest(sets.harmful["train"], sets.harmless["train"],
+                                     sets.harmful["validation"], sets.harmless["validation"])}
+    cache = CandidateCache(out / CACHE, key)
+    reused = bool(cache.scores)
+    if reused:
+        log(f"reusing the candidate scores in {out / CACHE}")
     with tempfile.TemporaryDirectory(prefix="localsteer-refusal-") as tmp:
-        sel = select_direction(model, weights, sets, workdir=tmp, progress=progress)
+        sel = select_direction(model, weights, sets, kl_max=kl_max, workdir=tmp, cache=cache, progress=progress)
     log(f"selected layer {sel.layer}, post-instruction position -{sel.position + 1}")
     meta = {"model_name": model.info.name, "model_sha256": model_sha256, "layer": sel.layer,
             "position": sel.position, "dataset": "refusal"}
@@ -448,7 +510,8 @@ def build(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, model_sha
     text = (f"# Refusal direction for {model.info.name}\n\n"
             f"Selected: layer {sel.layer}, post-instruction position -{sel.position + 1} "
             f"(of {post_instruction_count(model)}), |r| = {np.linalg.norm(sel.direction):.2f}; "
-            f"selection took {sel.seconds:.0f} s. Addition strength (validation, harmless refusal ≥ 80%): "
+            f"harmless KL bound {kl_max:g}; selection took {sel.seconds:.0f} s"
+            f"{' (scores reused from ' + CACHE + ')' if reused else ''}. Addition strength (validation, harmless refusal ≥ 80%): "
             f"x{strength:g} (refusal rate by scale 1, 2, 4, 8: {', '.join(f'{r:.0%}' for r in rates)}).\n\n"
             + sel.table() +
             f"\nINLP at that layer and position: {len(res.directions)} directions; classifier accuracy per "
@@ -479,7 +542,7 @@ def table(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, split: st
     from .lora import adapter_directions
     rank = adapter_directions(out / FILES["inlp-project"])[0].shape[0]
     scorer = Scorer(model)
-    plain_b = scorer.last_logits([chat(model, p) for p in harmless])
+    plain_b = scorer.last_logits([model.user_prompt(p) for p in harmless])
     total = 9 * (len(harmful) + len(harmless))
     done = 0
 

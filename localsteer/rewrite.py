@@ -54,10 +54,6 @@ class RewriteResult:
     seconds: float
 
 
-def _chat(model: Model, user: str) -> list[int]:
-    return model.tokenize(model.apply_chat_template([{"role": "user", "content": user}]))
-
-
 def _reply_tokens(model: Model, text: str) -> list[int]:
     """`text` as reply tokens: no BOS (the tokenizer adds one for models that want it first)."""
     toks = model.tokenize(text, special=False)
@@ -118,7 +114,7 @@ def extract_rewrite(model: Model, train: Sequence[str], validation: Sequence[str
         if progress:
             progress(done, total)
 
-    heads = [_chat(model, p) for p in train]
+    heads = [model.user_prompt(p) for p in train]
     replies = greedy_replies(model, heads, max_tokens, tick=tick)
     keep = [(h, r) for h, r in zip(heads, replies) if r]
     if not keep:
@@ -137,7 +133,7 @@ def extract_rewrite(model: Model, train: Sequence[str], validation: Sequence[str
     dirs = np.zeros((model.n_layer, model.n_embd), dtype=np.float32)
     dirs[layers] = (sides[0] - sides[1])[layers] * np.float32(prescale)
     base = ControlVector(dirs, model.arch)
-    val = [_chat(model, p) for p in validation]
+    val = [model.user_prompt(p) for p in validation]
     scores = score_scales(model, base, val, passes, scales, tick=tick)
     best = max(scores, key=lambda s: (s.accuracy, s.pass_rate, -s.scale))
     meta = {"method": f"rewrite-{rewrite}", "model_name": model.info.name, "model_sha256": model_sha256,

@@ -242,6 +242,10 @@ class Model:
         tmpl = llama_cpp.llama_model_chat_template(self._model, None)
         return tmpl.decode("utf-8", "replace") if tmpl else None
 
+    def user_prompt(self, user: str) -> list[int]:
+        """The tokens of a chat with one user message, ready for the assistant's reply."""
+        return self.tokenize(self.apply_chat_template([{"role": "user", "content": user}]))
+
     def apply_chat_template(self, messages: Sequence[dict], add_assistant: bool = True) -> str:
         """Format `messages` ([{"role", "content"}]) with the model's own template (GGUF metadata).
 

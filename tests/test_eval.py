@@ -37,6 +37,11 @@ def test_eval_grid_runs_resumes_and_reports(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert second.returncode == 0 and "accuracy" not in second.stdout
     assert json.loads((out / "results.json").read_text()) == data
+    # resuming with other settings would mix cells made two ways: refused, nothing touched
+    other = subprocess.run(cmd + ["--reject-minp", "0.1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert other.returncode == 1 and "made with other settings (reject_minp 0.0 here, 0.1 asked)" in other.stderr
+    assert "Traceback" not in other.stderr
+    assert json.loads((out / "results.json").read_text()) == data
 
 
 def test_eval_rejects_unknown_types(tmp_path):

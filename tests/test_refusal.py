@@ -118,3 +118,33 @@ def test_refusal_cli_errors_are_one_line(tmp_path):
     (tmp_path / "o" / "refusal-add.gguf").write_bytes(b"x")
     exists = subprocess.run(base + ["direction", "-o", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
     assert exists.returncode == 1 and "exists (use --force" in exists.stderr
+
+
+def test_candidate_scores_are_cached_reused_and_keyed(smol, tmp_path, monkeypatch):
+    from localsteer.errors import DatasetError
+    from localsteer.lora import residual_writers
+
+    splits = ("train", "validation")
+    sets = rf.RefusalSets({s: SETS.harmful[s][:3] for s in splits}, {s: SETS.harmless[s][:3] for s in splits})
+    weights = residual_writers(smol.path)
+    path, key = tmp_path / rf.CACHE, {"model": "smol", "run": 1}
+
+    def select(kl_max):
+        return rf.select_direction(smol, weights, sets, kl_max=kl_max, top=2, max_layer_frac=0.15,
+                                   cache=rf.CandidateCache(path, key))
+
+    def scores(sel):
+        return [(c.layer, c.position, c.induce, c.ablate, c.kl, c.why) for c in sel.candidates]
+
+    first = select(kl_max=100.0)
+    assert sum(not np.isnan(c.kl) for c in first.candidates) == 2  # the two best inducers were ablated
+    # a rerun reads every score from the file: llama.cpp is not asked for a single distribution
+    monkeypatch.setattr(rf.Scorer, "last_logits", lambda *a, **k: pytest.fail("a cached score was recomputed"))
+    again = select(kl_max=100.0)
+    assert repr(scores(again)) == repr(scores(first))  # (repr: nan == nan)
+    np.testing.assert_array_equal(again.direction, first.direction)
+    # a stricter bound is applied to the same scores
+    with pytest.raises(DatasetError, match="KL <= 1e-09"):
+        select(kl_max=1e-9)
+    # a file made for another model or other datasets is ignored
+    assert rf.CandidateCache(path, {**key, "run": 2}).scores == {}

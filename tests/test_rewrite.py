@@ -12,7 +12,7 @@ import pytest
 from localsteer import verify
 from localsteer.activations import collect
 from localsteer.extract import suggested_layers
-from localsteer.rewrite import _chat, _reply_tokens, extract_rewrite, greedy_replies
+from localsteer.rewrite import _reply_tokens, extract_rewrite, greedy_replies
 from localsteer.sampling import Sampling
 from localsteer.steer import Rejection, Steerer, case_classes
 from localsteer.vector import ControlVector
@@ -26,7 +26,7 @@ def is_lower(text: str) -> bool:
 
 
 def test_collect_takes_a_count_per_prompt(smol):
-    prompts = [_chat(smol, "Describe the ocean."), _chat(smol, "What is rain?")]
+    prompts = [smol.user_prompt("Describe the ocean."), smol.user_prompt("What is rain?")]
     both = collect(smol, prompts, layers=[5], last_n=[3, 7])
     one = collect(smol, prompts[:1], layers=[5], last_n=3)
     two = collect(smol, prompts[1:], layers=[5], last_n=7)
@@ -58,7 +58,7 @@ def test_extract_rewrite_contrast_and_strength_selection(smol):
     assert next(s for s in res.scores if s.scale == res.scale).accuracy == best
     assert v.meta["method"] == "rewrite-lower" and v.meta["reject_fold"] == "case"
     # the contrast, recomputed: the model's own replies lowercased minus as written, over the reply
-    heads = [_chat(smol, p) for p in train]
+    heads = [smol.user_prompt(p) for p in train]
     replies = greedy_replies(smol, heads, 16)
     sides = []
     for rewrite in (str.lower, lambda t: t):
@@ -87,7 +87,7 @@ def test_shipped_lowercase_vector_steers_and_survives_folded_rejection(qwen05):
     rejection undoes the effect; plausibility up to case keeps it."""
     vec = ControlVector.load(ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "instructions" / "lowercase.gguf")
     layers = list(vec.layers)
-    prompts = [_chat(qwen05, it["prompt"]) for it in verify.split(LOWER, "test")[:2]]
+    prompts = [qwen05.user_prompt(it["prompt"]) for it in verify.split(LOWER, "test")[:2]]
     greedy = Sampling(temperature=0)
 
     def replies(vector, rejection=None):
