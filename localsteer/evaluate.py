@@ -290,6 +290,7 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
             items = items[:limit] if limit else items
             cell(itype, items, vec_for(itype), [items[0]["check"]], conditions)
             side_effects(itype, vec_for(itype))
+            report(results, out_dir)
         for a, b in compose if "steer" in conditions else ():  # joint cells are `steer` cells
             items = verify.split(verify.load_instruction_set(datasets / "instructions" / f"{a}.jsonl"), "test")
             items = items[:limit] if limit else items
@@ -297,9 +298,19 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
             checks = [items[0]["check"], check_b]
             for label, vector in ((a, vec_for(a)), (b, vec_for(b)), (f"{a}+{b}", vec_for(a) + vec_for(b))):
                 cell(f"joint {a}&{b} by {label}", items, vector, checks, ("steer",))
-    (out_dir / "results.md").write_text(markdown(results.data))
-    plot(results.data, out_dir / "results.png")
+            report(results, out_dir)
+    report(results, out_dir)
     return results
+
+
+def report(results: Results, out_dir: Path) -> None:
+    """results.md and results.png from the cells finished so far (rewritten after each type)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "results.md"
+    tmp = Path(temp_beside(md))
+    tmp.write_text(markdown(results.data))
+    os.replace(tmp, md)
+    plot(results.data, out_dir / "results.png")
 
 
 def plot(results: dict, path: Path) -> Path | None:
