@@ -495,6 +495,7 @@ def refusal_direction(model, dataset_dir, out, inlp_rounds, kl_max, force, verbo
 def refusal_table(model, dataset_dir, directory, split, limit, max_tokens, out, force, verbose) -> None:
     """Refusal rates, harmless KL, perplexity and speed of every intervention, on one table."""
     from . import refusal as rf
+    from . import refusal_table as rt
 
     if out is not None:
         api.check_output(out, force)
@@ -503,12 +504,12 @@ def refusal_table(model, dataset_dir, directory, split, limit, max_tokens, out, 
     if missing:
         raise click.ClickException(f"{directory} lacks {', '.join(missing)}: run `localsteer refusal direction` first")
     lm = api.load_model(model, verbose=verbose)
-    click.echo(rf.TABLE_HEAD)
-    rows = rf.table(lm, sets, directory, split=split, max_tokens=max_tokens, limit=limit, log=click.echo,
+    click.echo(rt.TABLE_HEAD)
+    rows = rt.table(lm, sets, directory, split=split, max_tokens=max_tokens, limit=limit, log=click.echo,
                     progress=_progress("replies"))
     n_h = len(sets.harmful[split][:limit] if limit else sets.harmful[split])
     n_b = len(sets.harmless[split][:limit] if limit else sets.harmless[split])
-    md = rf.table_markdown(lm, rows, split, n_h, n_b, max_tokens)
+    md = rt.table_markdown(lm, rows, split, n_h, n_b, max_tokens)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".part")

@@ -1,7 +1,10 @@
 """Linear classifiers on activations, in numpy: L2-regularised logistic regression fitted with
-Newton steps. Used by INLP (refusal.py) and by probes (probe.py)."""
+Newton steps, and INLP (Ravfogel et al. 2020: iterative nullspace projection) built on it. Used by
+the refusal interventions (refusal.py) and by probes (probe.py)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,3 +62,42 @@ def threshold_accuracy(x: np.ndarray, y: np.ndarray, direction: np.ndarray) -> f
         acc = np.mean((proj >= t) == (y == 1))
         best = max(best, acc, 1 - acc)
     return float(best)
+
+
+def logistic_direction(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> np.ndarray:
+    """A linear classifier's weight vector (the bias left out), by logistic regression."""
+    return logistic_fit(x, y, l2)[0]
+
+
+@dataclass
+class InlpResult:
+    directions: np.ndarray  # (k, n_embd), orthonormal
+    train_accuracy: list[float]  # accuracy of each round's classifier before its projection
+    validation_accuracy: list[float]
+
+
+def inlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+         rounds: int = 8, stop_at: float = 0.6) -> InlpResult:
+    """Iterative nullspace projection: fit a classifier, project its direction out of the data,
+    repeat, until `rounds` directions or the validation accuracy of a new classifier falls to
+    `stop_at`."""
+    dirs: list[np.ndarray] = []
+    train_acc, val_acc = [], []
+    xt, xv = x_train.astype(np.float64), x_val.astype(np.float64)
+    for _ in range(rounds):
+        w = logistic_direction(xt, y_train)
+        for q in dirs:  # keep it orthogonal to the directions already removed
+            w -= (w @ q) * q
+        norm = np.linalg.norm(w)
+        if norm < 1e-12:
+            break
+        w /= norm
+        va = threshold_accuracy(xv, y_val, w)
+        train_acc.append(threshold_accuracy(xt, y_train, w))
+        val_acc.append(va)
+        if dirs and va <= stop_at:
+            break
+        dirs.append(w)
+        xt = xt - np.outer(xt @ w, w)
+        xv = xv - np.outer(xv @ w, w)
+    return InlpResult(np.array(dirs, dtype=np.float32), train_acc, val_acc)

@@ -10,6 +10,7 @@ import pytest
 from test_interop import llama_completion, localsteer_generate
 
 from localsteer import refusal as rf
+from localsteer.linear import inlp, logistic_direction, threshold_accuracy
 from localsteer.runtime import Lora
 from localsteer.vector import ControlVector
 
@@ -51,15 +52,15 @@ def test_inlp_finds_the_separating_direction_and_removes_it():
 
     xt, yt = sample(300)
     xv, yv = sample(200)
-    res = rf.inlp(xt, yt, xv, yv, rounds=6, stop_at=0.6)
+    res = inlp(xt, yt, xv, yv, rounds=6, stop_at=0.6)
     assert abs(res.directions[0] @ true) > 0.9
     assert res.validation_accuracy[0] > 0.95
     np.testing.assert_allclose(res.directions @ res.directions.T, np.eye(len(res.directions)), atol=1e-5)
     # after projecting the learned subspace out, a fresh classifier is near chance
     q = res.directions.T.astype(np.float64)
     xv_null = xv - (xv @ q) @ q.T
-    w = rf.logistic_direction(xt - (xt @ q) @ q.T, yt)
-    assert rf.classifier_accuracy(xv_null, yv, w / np.linalg.norm(w)) < 0.65
+    w = logistic_direction(xt - (xt @ q) @ q.T, yt)
+    assert threshold_accuracy(xv_null, yv, w / np.linalg.norm(w)) < 0.65
 
 
 def test_post_instruction_tokens_of_qwen(qwen05):
