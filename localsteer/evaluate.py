@@ -218,6 +218,8 @@ DEFAULT_SETTINGS = {"reject_minp": 0.0}  # settings that older results files do 
 
 def check_settings(old: dict, new: dict, out_dir: Path) -> None:
     """A resumed grid must be run with the settings its finished cells were made with."""
+    if not old:  # a new grid
+        return
     differ = [k for k in new if {**DEFAULT_SETTINGS, **old}.get(k, new[k]) != new[k]]
     if differ:
         raise ValueError(f"{out_dir / 'results.json'} was made with other settings ("

@@ -48,3 +48,16 @@ def test_eval_rejects_unknown_types(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "localsteer.cli", "eval", "--types", "klingon",
                            "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1 and "unknown instruction type(s): klingon" in proc.stderr
+
+
+def test_settings_check_lets_new_grids_and_older_files_through():
+    import pytest
+
+    from localsteer.evaluate import check_settings
+    new = {"max_tokens": 32, "reject_topk": 20, "reject_minp": 0.1}
+    check_settings({}, new, ROOT)  # nothing finished yet
+    check_settings({"max_tokens": 32, "reject_topk": 20}, {**new, "reject_minp": 0.0}, ROOT)  # older file: min-p 0
+    with pytest.raises(ValueError, match="reject_minp 0.0 here, 0.1 asked"):
+        check_settings({"max_tokens": 32, "reject_topk": 20}, new, ROOT)
+    with pytest.raises(ValueError, match="max_tokens 48 here, 32 asked"):
+        check_settings({"max_tokens": 48, "reject_topk": 20, "reject_minp": 0.1}, new, ROOT)
