@@ -266,18 +266,22 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
              steerer: Steerer | None = None, adapters: Sequence[tuple[Lora, float]] = (),
              gate: Gate | None = None) -> RunResult:
     """Generate a reply; `stream` receives text pieces as they come. With a `gate`, the steering
-    applies only if the gate's probe fires on the prompt (else the reply is plain decoding)."""
+    (vectors and adapters) applies only if the gate's probe fires on the prompt; otherwise the
+    reply is the plain model's."""
     import time
 
     tokens = chat_prompt(model, prompt, raw=raw, system=system)
-    decision = gate.decide(tokens) if gate is not None and steering.vector is not None else None
+    steers = steering.vector is not None or bool(adapters) or bool(steerer and steerer.adapters)
+    decision = gate.decide(tokens) if gate is not None and steers else None
     gated_off = decision is not None and not decision.steer
     if gated_off:  # not a target prompt: plain decoding
-        steering, rejection = Steering(None, ()), None
+        steering, rejection, adapters = Steering(None, ()), None, ()
     restore = None
     if gated_off and steerer is not None:
         restore = (steerer.vector, steerer.layers, steerer.rejection, steerer.importance)
+        kept_adapters = steerer.adapters
         steerer.configure(None)
+        steerer.set_adapters([])
     own = steerer is None
     st = steerer or make_steerer(model, steering, rejection, n_threads=n_threads,
                                  n_ctx=max(4096, len(tokens) + max_tokens), adapters=adapters)
@@ -294,6 +298,7 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
             st.close()
         elif restore is not None:
             st.configure(*restore)
+            st.set_adapters(kept_adapters)
     dt = time.perf_counter() - t0
     out = [e.token for e in events]
     text = model.detokenize([t for t in out if not model.is_eog(t)])

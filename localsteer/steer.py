@@ -152,6 +152,13 @@ class Steerer:
         self._dirty = True  # the control vector must be set again
         self._reconfigured = True  # a reply in progress must restart its layer set
 
+    def set_adapters(self, adapters: Sequence[tuple[Lora, float]]) -> None:
+        """Change the LoRA adapters (an empty list: none) from the next reply on, on both sides."""
+        self.adapters = list(adapters)
+        for ctx in (self._steered, self._plain):
+            if ctx is not None:
+                ctx.set_loras(self.adapters)
+
     # contexts are made on first use and reused across replies
     def _contexts(self) -> tuple[Context, Context | None]:
         if self._steered is None:

@@ -24,6 +24,7 @@ ROOT = Path(__file__).parent.parent
 QWEN05 = ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct"
 PROBE = QWEN05 / "probes" / "harmful.gguf"
 ADD = QWEN05 / "refusal" / "refusal-add.gguf"
+KTS = QWEN05 / "refusal" / "refusal-add-kts.gguf"
 SETS = load_sets(ROOT / "vectors" / "datasets" / "refusal")
 GREEDY = Sampling(temperature=0.0)
 
@@ -116,6 +117,38 @@ def test_gated_steering_is_plain_on_benign_prompts_and_steered_on_flagged_ones(q
     assert gated.extra["gate"]["steer"] is True and gated.tokens == steered.tokens and is_refusal(gated.text)
 
 
+def test_the_gate_switches_adapters_off_with_the_vector(qwen05):
+    # the vector with its KL-then-steer adapter, as the side-effects table uses them: a prompt the
+    # probe does not flag gets the plain model, adapter included; a flagged one gets both
+    gate = api.load_gate(qwen05, PROBE)
+    steering = api.steering_from_specs(qwen05, [str(ADD)])
+    adapters = api.load_adapters(qwen05, [str(KTS)])
+    try:
+        benign = "Give me a recipe for a quick weeknight vegetable curry."
+        plain = api.generate(qwen05, benign, api.Steering(None, ()), GREEDY, max_tokens=16)
+        adapted = api.generate(qwen05, benign, api.Steering(None, ()), GREEDY, max_tokens=16, adapters=adapters)
+        assert adapted.tokens != plain.tokens  # the adapter alone does change this reply
+        for gated in (api.generate(qwen05, benign, steering, GREEDY, max_tokens=16, adapters=adapters, gate=gate),
+                      api.generate(qwen05, benign, api.Steering(None, ()), GREEDY, max_tokens=16,
+                                   adapters=adapters, gate=gate)):  # an adapter alone is gated too
+            assert gated.extra["gate"]["steer"] is False and gated.tokens == plain.tokens
+        flagged = next(t for t in SETS.harmful["test"] if "racist rant" in t)
+        both = api.generate(qwen05, flagged, steering, GREEDY, max_tokens=16, adapters=adapters)
+        gated = api.generate(qwen05, flagged, steering, GREEDY, max_tokens=16, adapters=adapters, gate=gate)
+        assert gated.extra["gate"]["steer"] is True and gated.tokens == both.tokens
+        # a long-lived steerer (the chat's) gets its adapters back after a gated-off reply
+        st = api.make_steerer(qwen05, steering, adapters=adapters)
+        try:
+            off = api.generate(qwen05, benign, steering, GREEDY, max_tokens=16, steerer=st, gate=gate)
+            assert off.tokens == plain.tokens and st.adapters == adapters
+            assert api.generate(qwen05, flagged, steering, GREEDY, max_tokens=16, steerer=st).tokens == both.tokens
+        finally:
+            st.close()
+    finally:
+        for lora, _ in adapters:
+            lora.close()
+
+
 def test_gate_refuses_a_probe_for_another_model(smol):
     with pytest.raises(ProbeError, match="n_embd"):
         api.load_gate(smol, PROBE)
@@ -180,3 +213,28 @@ def test_chat_session_gates_each_turn(qwen05):
         assert "steering on" in notes[-1] and applied[-1].steering.vector is not None
     finally:
         session.steerer.close()  # the model is the test session's fixture
+
+
+def test_chat_session_gates_its_adapters_too(qwen05):
+    from localsteer_tui.mix import Choice
+    from localsteer_tui.session import Session
+
+    adapters = api.load_adapters(qwen05, [str(KTS)])
+    session = Session(qwen05, adapters=adapters, gate=api.load_gate(qwen05, PROBE))
+    no_vector = Choice(api.Steering(None, ()), None)
+
+    def turn(text: str) -> str:
+        return session.reply([{"role": "user", "content": text}], no_vector, 12, GREEDY, cancelled=lambda: False,
+                             on_token=lambda *a: None, on_applied=lambda i, c: None)[0]
+
+    try:
+        benign = "Give me a recipe for a quick weeknight vegetable curry."
+        flagged = next(t for t in SETS.harmful["test"] if "racist rant" in t)
+        assert turn(benign) == api.generate(qwen05, benign, api.Steering(None, ()), GREEDY, max_tokens=12).text
+        assert turn(flagged) == api.generate(qwen05, flagged, api.Steering(None, ()), GREEDY, max_tokens=12,
+                                             adapters=adapters).text
+        assert session.steerer.adapters == adapters
+    finally:
+        session.steerer.close()
+        for lora, _ in adapters:
+            lora.close()

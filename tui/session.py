@@ -46,6 +46,7 @@ class Session:
                  adapters: Sequence[tuple[Lora, float]] = (), gate: Gate | None = None):
         self.model = model
         self.gate = gate  # steer only the turns whose prompt the probe flags
+        self.adapters = list(adapters)
         self.n_ctx = n_ctx
         self.steerer = api.make_steerer(model, api.Steering(None, ()), None, n_threads=n_threads, n_ctx=n_ctx,
                                         adapters=adapters)
@@ -105,8 +106,10 @@ class Session:
             prompt, dropped = self.prompt(messages, max_tokens)
             box = mailbox if isinstance(mailbox, Mailbox) else Mailbox(mailbox)
             version, choice = box.latest()
-            gate = _TurnGate(self.gate, prompt)
+            gate = _TurnGate(self.gate, prompt, bool(self.adapters))
             choice = gate.effective(choice)
+            if self.adapters:
+                self.steerer.set_adapters(self.adapters if gate.steers else [])
             importance = self._importance(choice, status)
             self._configure(choice, importance)
             on_applied(0, choice)
@@ -164,16 +167,22 @@ class Session:
 
 
 class _TurnGate:
-    """A probe's decision for one reply, taken on its prompt the first time a steered mix is
-    asked for; a mix the probe turns down is replaced by no steering for the whole reply."""
+    """A probe's decision for one reply, taken on its prompt the first time steering is asked
+    for (a steered mix, or the session's adapters); steering the probe turns down is replaced by
+    none for the whole reply: no vector, no adapters."""
 
-    def __init__(self, gate: Gate | None, prompt: list[int]):
+    def __init__(self, gate: Gate | None, prompt: list[int], adapters: bool = False):
         self.gate = gate
         self.prompt = prompt
+        self.adapters = adapters
         self.decision: Decision | None = None
 
+    @property
+    def steers(self) -> bool:
+        return self.decision is None or self.decision.steer
+
     def effective(self, choice: Choice) -> Choice:
-        if self.gate is None or choice.steering.vector is None:
+        if self.gate is None or (choice.steering.vector is None and not self.adapters):
             return choice
         if self.decision is None:
             self.decision = self.gate.decide(self.prompt)
