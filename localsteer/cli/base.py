@@ -23,7 +23,7 @@ class _Group(click.Group):
             raise click.ClickException(str(e)) from None
 
 
-def _progress(label: str):
+def progress_bar(label: str):
     """A click progress bar on stderr driven by (done, total) callbacks (only on a terminal)."""
     state: dict = {}
     if not sys.stderr.isatty():

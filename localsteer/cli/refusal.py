@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import api
-from .base import REFUSAL_DATA, _progress, force_option, main, model_option, verbose_option
+from .base import REFUSAL_DATA, force_option, main, model_option, progress_bar, verbose_option
 
 
 # --- refusal ------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def refusal_direction(model, dataset_dir, out, inlp_rounds, kl_max, force, verbo
                 raise click.ClickException(f"{out / f} exists (use --force to overwrite)")
     lm = api.load_model(model, verbose=verbose)
     sel = rf.build(lm, sets, out, model_sha256=fingerprint(lm.path), force=force, inlp_rounds=inlp_rounds,
-                   kl_max=kl_max, log=lambda s: click.echo(s, err=True), progress=_progress("candidates"))
+                   kl_max=kl_max, log=lambda s: click.echo(s, err=True), progress=progress_bar("candidates"))
     click.echo((out / rf.FILES["selection"]).read_text())
     click.echo(f"wrote {', '.join(str(out / f) for f in rf.FILES.values())}")
     click.echo("use in llama.cpp:")
@@ -82,7 +82,7 @@ def refusal_table(model, dataset_dir, directory, split, limit, max_tokens, out, 
     lm = api.load_model(model, verbose=verbose)
     click.echo(rt.TABLE_HEAD)
     rows = rt.table(lm, sets, directory, split=split, max_tokens=max_tokens, limit=limit, log=click.echo,
-                    progress=_progress("replies"))
+                    progress=progress_bar("replies"))
     n_h = len(sets.harmful[split][:limit] if limit else sets.harmful[split])
     n_b = len(sets.harmless[split][:limit] if limit else sets.harmless[split])
     md = rt.table_markdown(lm, rows, split, n_h, n_b, max_tokens)
@@ -115,7 +115,7 @@ def probe_train(model, positive, negative, out, force, verbose) -> None:
     on validation, precision and recall on test."""
     api.check_output(out, force)
     lm = api.load_model(model, verbose=verbose)
-    result = api.train_probe(lm, positive, negative, progress=_progress("prompts"))
+    result = api.train_probe(lm, positive, negative, progress=progress_bar("prompts"))
     click.echo(result.report())
     result.probe.save(out, force=force)
     click.echo(f"wrote {out}")
@@ -145,7 +145,7 @@ def probe_test(model, probe_file, positive, negative, split, verbose) -> None:
     prompts = pick(pos) + pick(neg)
     if not pick(pos) or not pick(neg):
         raise click.ClickException(f"need positive and negative prompts in the {split} split")
-    probs = gate.probe.prompt_probability(lm, [api.chat_prompt(lm, p) for p in prompts], progress=_progress("prompts"))
+    probs = gate.probe.prompt_probability(lm, [api.chat_prompt(lm, p) for p in prompts], progress=progress_bar("prompts"))
     labels = [True] * len(pick(pos)) + [False] * len(pick(neg))
     click.echo(f"{probe_file.name} (layer {gate.probe.layer}, threshold {gate.probe.threshold:.2f}) on {split}: "
                + Scores.of(probs >= gate.probe.threshold, labels).line())

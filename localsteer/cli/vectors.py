@@ -9,7 +9,7 @@ import click
 from .. import api
 from ..errors import DatasetError
 from ..vector import format_layers
-from .base import _progress, force_option, gpu_option, main, model_option, threads_option, verbose_option
+from .base import force_option, gpu_option, main, model_option, progress_bar, threads_option, verbose_option
 
 
 # --- extract ------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def extract(model: str, dataset: Path, method: str, rewrite: str | None, out: Pa
         raise DatasetError(f"dataset not found: {dataset}")
     lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
     if method == "rewrite":
-        res = api.extract_rewrite_vector(lm, dataset, rewrite, progress=_progress(f"rewrite-{rewrite} vector"))
+        res = api.extract_rewrite_vector(lm, dataset, rewrite, progress=progress_bar(f"rewrite-{rewrite} vector"))
         res.vector.save(out, force=force)
         click.echo(f"wrote {out}: rewrite-{rewrite} vector for {lm.info.name} ({lm.arch}), layers "
                    f"{format_layers(res.vector.layers)}, strength x{res.scale:g} chosen on validation")
@@ -50,7 +50,7 @@ def extract(model: str, dataset: Path, method: str, rewrite: str | None, out: Pa
         click.echo(f"done in {res.seconds:.1f} s")
         return
     if method == "instruction":
-        res = api.extract_instruction_vector(lm, dataset, progress=_progress("instruction vector"))
+        res = api.extract_instruction_vector(lm, dataset, progress=progress_bar("instruction vector"))
         res.vector.save(out, force=force)
         click.echo(f"wrote {out}: instruction vector for {lm.info.name} ({lm.arch}), layer {res.layer}, "
                    f"weight {res.weight:.2f}")
@@ -60,7 +60,7 @@ def extract(model: str, dataset: Path, method: str, rewrite: str | None, out: Pa
         return
     pairs = api.load_pairs(dataset)
     result = api.extract_vector(lm, pairs, method=method, dataset_name=dataset.name,
-                                progress=_progress(f"{len(pairs)} pairs"))
+                                progress=progress_bar(f"{len(pairs)} pairs"))
     result.vector.save(out, force=force)
     v = result.vector
     click.echo(f"wrote {out}: {method} vector for {lm.info.name} ({v.arch}), layers "
