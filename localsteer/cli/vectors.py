@@ -43,20 +43,18 @@ def extract(model: str, dataset: Path, method: str, rewrite: str | None, out: Pa
     if method == "rewrite":
         res = api.extract_rewrite_vector(lm, dataset, rewrite, progress=progress_bar(f"rewrite-{rewrite} vector"))
         res.vector.save(out, force=force)
-        click.echo(f"wrote {out}: rewrite-{rewrite} vector for {lm.info.name} ({lm.arch}), layers "
-                   f"{format_layers(res.vector.layers)}, strength x{res.scale:g} chosen on validation")
-        click.echo("validation accuracy (fluent) by strength: " +
-                   " ".join(f"x{s.scale:g}:{s.accuracy:.0%}" for s in res.scores))
-        click.echo(f"done in {res.seconds:.1f} s")
+        _report(f"{out}: rewrite-{rewrite} vector for {lm.info.name} ({lm.arch}), layers "
+                f"{format_layers(res.vector.layers)}, strength x{res.scale:g} chosen on validation",
+                "validation accuracy (fluent) by strength: " + " ".join(f"x{s.scale:g}:{s.accuracy:.0%}"
+                                                                         for s in res.scores), res.seconds)
         return
     if method == "instruction":
         res = api.extract_instruction_vector(lm, dataset, progress=progress_bar("instruction vector"))
         res.vector.save(out, force=force)
-        click.echo(f"wrote {out}: instruction vector for {lm.info.name} ({lm.arch}), layer {res.layer}, "
-                   f"weight {res.weight:.2f}")
-        click.echo("validation accuracy by layer (steering without the instruction): " +
-                   " ".join(f"{s.layer}:{s.accuracy:.0%}" for s in res.scores))
-        click.echo(f"done in {res.seconds:.1f} s")
+        _report(f"{out}: instruction vector for {lm.info.name} ({lm.arch}), layer {res.layer}, "
+                f"weight {res.weight:.2f}",
+                "validation accuracy by layer (steering without the instruction): "
+                + " ".join(f"{s.layer}:{s.accuracy:.0%}" for s in res.scores), res.seconds)
         return
     pairs = api.load_pairs(dataset)
     result = api.extract_vector(lm, pairs, method=method, dataset_name=dataset.name,
@@ -67,6 +65,12 @@ def extract(model: str, dataset: Path, method: str, rewrite: str | None, out: Pa
                f"{format_layers(v.layers)}, n_embd {v.n_embd}")
     click.echo(_norm_line(v.norms()))
     click.echo(f"{result.n_pairs} pairs in {result.seconds:.1f} s ({result.n_pairs / result.seconds:.1f} pairs/s)")
+
+
+def _report(wrote: str, scores: str, seconds: float) -> None:
+    click.echo(f"wrote {wrote}")
+    click.echo(scores)
+    click.echo(f"done in {seconds:.1f} s")
 
 
 def _norm_line(norms) -> str:
