@@ -12,7 +12,8 @@ from . import models as _models
 from . import probe as _probe
 from .dataset import Pair
 from .dataset import load_pairs as _load_pairs
-from .errors import DatasetError, OutputExistsError, VectorError
+from .errors import DatasetError, VectorError
+from .fileio import check_output
 from .extract import ExtractResult
 from .extract import extract as _extract
 from .importance import importance_order
@@ -57,10 +58,6 @@ def load_vector(path: str | os.PathLike) -> ControlVector:
     return ControlVector.load(path)
 
 
-def check_output(path: str | os.PathLike, force: bool) -> None:
-    """Refuse an existing output before any long work starts."""
-    if Path(path).exists() and not force:
-        raise OutputExistsError(f"{path} exists (use --force to overwrite)")
 
 
 def extract_vector(model: Model, pairs: Sequence[Pair], method: str = "mean",

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import OutputExistsError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -41,6 +43,12 @@ def add_gguf_value(writer: Any, key: str, value: Any) -> None:
         writer.add_array(key, [float(x) for x in value])
     else:
         raise TypeError(f"cannot store {key}={value!r} in GGUF")
+
+
+def check_output(path: str | os.PathLike, force: bool) -> None:
+    """Refuse to overwrite an existing output without `force` (checked before any long work)."""
+    if Path(path).exists() and not force:
+        raise OutputExistsError(f"{path} exists (use --force to overwrite)")
 
 
 def write_gguf(path: str | os.PathLike, arch: str, fill: Callable[[Any], None]) -> Path:

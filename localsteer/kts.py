@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import LocalsteerError, OutputExistsError
-from .fileio import add_gguf_value, write_gguf
+from .errors import LocalsteerError
+from .fileio import add_gguf_value, check_output, write_gguf
 from .vector import ControlVector, format_layers
 
 # transformers' module name -> llama.cpp's tensor name
@@ -131,8 +131,7 @@ def train(model_path: str | os.PathLike, arch: str, vector: ControlVector, promp
     `prompts` (user messages) and write it to `out`."""
     torch = _torch()
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists (use --force to overwrite)")
+    check_output(out, force)
     if not vector.layers:
         raise LocalsteerError("the vector is zero on every layer")
     torch.manual_seed(config.seed)

@@ -31,8 +31,8 @@ from typing import Callable
 
 import numpy as np
 
-from .fileio import add_gguf_value, write_gguf
-from .errors import ModelError, OutputExistsError, VectorError
+from .fileio import add_gguf_value, check_output, write_gguf
+from .errors import ModelError, VectorError
 
 POST_NORM_ARCHS = ("gemma2", "gemma3", "gemma3n", "olmo2", "cohere2")
 _TARGET = re.compile(r"^(token_embd|blk\.\d+\.attn_output|blk\.\d+\.ffn_down)\.weight$")
@@ -118,8 +118,7 @@ def write_adapter(path: str | os.PathLike, weights: Weights, directions: np.ndar
                   meta: dict | None = None, force: bool = False) -> Path:
     """Write the ablation (coef 1) or reflection (coef 2) adapter for `directions` as a GGUF LoRA."""
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists (use --force to overwrite)")
+    check_output(path, force)
     tensors = adapter_tensors(weights, directions, coef)
     k = orthonormal(directions).shape[1]
     q = orthonormal(directions)

@@ -26,8 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .activations import Progress, collect
-from .errors import DatasetError, OutputExistsError, ProbeError
-from .fileio import add_gguf_value, read_gguf, write_gguf
+from .errors import DatasetError, ProbeError
+from .fileio import add_gguf_value, check_output, read_gguf, write_gguf
 from .linear import log_loss, logistic_fit, sigmoid
 from .runtime import Model
 
@@ -97,8 +97,7 @@ class Probe:
     # files
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         path = Path(path)
-        if path.exists() and not force:
-            raise OutputExistsError(f"{path} exists (use --force to overwrite)")
+        check_output(path, force)
 
         def fill(w) -> None:
             w.add_string(f"{ARCH}.model_hint", self.arch)

@@ -346,15 +346,13 @@ def build(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, model_sha
     """Select the refusal direction and write every intervention into `out_dir` (see FILES). The
     candidate scores are kept in `out_dir`/candidates.json and reused by a rerun on the same model and
     datasets (e.g. with another `kl_max`)."""
-    from .errors import OutputExistsError
+    from .fileio import check_output
     from .lora import residual_writers
     from .vector import ControlVector
 
     out = Path(out_dir)
-    if not force:
-        for f in FILES.values():
-            if (out / f).exists():
-                raise OutputExistsError(f"{out / f} exists (use --force to overwrite)")
+    for f in FILES.values():
+        check_output(out / f, force)
     log("reading the weights that write into the residual stream (dequantized)…")
     weights = residual_writers(model.path)
     log("scoring candidate directions on the validation split…")

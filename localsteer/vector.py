@@ -10,8 +10,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .fileio import add_gguf_value, read_gguf, write_gguf
-from .errors import LayerRangeError, OutputExistsError, VectorError
+from .fileio import add_gguf_value, check_output, read_gguf, write_gguf
+from .errors import LayerRangeError, VectorError
 
 ARCH = "controlvector"
 _KEY_PREFIX = "localsteer."
@@ -170,8 +170,7 @@ class ControlVector:
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write a GGUF control vector llama.cpp loads with --control-vector; atomic."""
         path = Path(path)
-        if path.exists() and not force:
-            raise OutputExistsError(f"{path} exists (use --force to overwrite)")
+        check_output(path, force)
 
         def fill(w) -> None:
             w.add_string(f"{ARCH}.model_hint", self.arch)
