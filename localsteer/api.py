@@ -359,13 +359,13 @@ def evaluate(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
              compose: Sequence[tuple[str, str]] = (), log: Callable[[str], None] = print,
              datasets: str | os.PathLike = REPO / "vectors" / "datasets",
              vectors: str | os.PathLike = REPO / "vectors", oversteer: float | None = None,
-             conditions: Sequence[str] | None = None, minp: float = 0.0):
+             conditions: Sequence[str] | None = None, minp: float = 0.0, fold: str = "auto"):
     """The `localsteer eval` grid (see localsteer/evaluate.py)."""
     from .evaluate import CONDITIONS, OVERSTEER, run_grid
     return run_grid(models, types, Path(out_dir), Path(datasets), Path(vectors), limit=limit,
                     max_tokens=max_tokens, topk=topk, compose=compose, log=log,
                     oversteer=OVERSTEER if oversteer is None else oversteer,
-                    conditions=tuple(conditions or CONDITIONS), minp=minp)
+                    conditions=tuple(conditions or CONDITIONS), minp=minp, fold=fold)
 
 
 # --- environment --------------------------------------------------------------------------------

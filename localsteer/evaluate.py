@@ -161,6 +161,7 @@ def markdown(results: dict) -> str:
              + (f"; replies of {settings['max_tokens']} tokens, task answers of {settings['task_tokens']}, "
                 f"rejection top-{settings['reject_topk']}"
                 + (f" and min-p {settings['reject_minp']:g}" if settings.get("reject_minp") else "")
+                + (f", plausibility {settings['reject_fold']}" if settings.get("reject_fold", "auto") != "auto" else "")
                 + f", over = the vector x{settings['oversteer']:g}"
                 if settings else "") + ".", "",
              "| model | instruction | " + " | ".join(CONDITIONS) + " |", "|---|---|" + "---|" * len(CONDITIONS)]
@@ -213,7 +214,7 @@ def instruction_vector(model: Model, model_name: str, itype: str, datasets: Path
     return res.vector
 
 
-DEFAULT_SETTINGS = {"reject_minp": 0.0}  # settings that older results files do not name
+DEFAULT_SETTINGS = {"reject_minp": 0.0, "reject_fold": "auto"}  # settings that older results files do not name
 
 
 def check_settings(old: dict, new: dict, out_dir: Path) -> None:
@@ -230,14 +231,15 @@ def check_settings(old: dict, new: dict, out_dir: Path) -> None:
 def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir: Path, datasets: Path,
              vectors: Path, limit: int | None = None, max_tokens: int = 48, topk: int = 20,
              compose: Sequence[tuple[str, str]] = (), log: Callable[[str], None] = print,
-             oversteer: float = OVERSTEER, conditions: Sequence[str] = CONDITIONS, minp: float = 0.0) -> Results:
+             oversteer: float = OVERSTEER, conditions: Sequence[str] = CONDITIONS, minp: float = 0.0,
+             fold: str = "auto") -> Results:
     """The whole grid; returns the results (also in out_dir/results.json and results.md)."""
     from .importance import importance_order
     from .models import quick_fingerprint
 
     results = Results(out_dir / "results.json")
     settings = {"max_tokens": max_tokens, "task_tokens": min(max_tokens, TASK_TOKENS), "reject_topk": topk,
-                "reject_minp": minp, "oversteer": oversteer, "fluent_ppl": FLUENT_PPL}
+                "reject_minp": minp, "reject_fold": fold, "oversteer": oversteer, "fluent_ppl": FLUENT_PPL}
     check_settings(results.data.get("settings", {}), settings, out_dir)
     results.data["settings"] = settings
     tasks = [json.loads(line) for line in (datasets / "tasks.jsonl").read_text().splitlines() if line.strip()]
@@ -254,7 +256,8 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
         def cell(key: str, items, vector, checks, conditions):
             layers = list(vector.layers)
             # case-rewrite vectors ask for plausibility up to letter case (steer.Rejection.fold)
-            rejection = Rejection(topk=topk, minp=minp, fold=str(vector.meta.get("reject_fold", "none")))
+            asked = str(vector.meta.get("reject_fold", "none")) if fold == "auto" else fold
+            rejection = Rejection(topk=topk, minp=minp, fold=asked)
             orders: dict[bool, list[int]] = {}
             for cond in conditions:
                 k = f"{name}|{key}|{cond}"

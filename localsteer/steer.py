@@ -26,22 +26,27 @@ from .vector import ControlVector, format_layers
 
 RECOVERY = ("reset", "hold", "gradual")
 SCHEDULES = ("halve", "one")
-FOLDS = ("none", "case")
+FOLDS = ("none", "case", "recase")
 
-_fold_cache: "weakref.WeakKeyDictionary[Model, np.ndarray]" = weakref.WeakKeyDictionary()
+_fold_cache: "weakref.WeakKeyDictionary[Model, tuple[list[str], np.ndarray]]" = weakref.WeakKeyDictionary()
+_fold_starts: "weakref.WeakKeyDictionary[Model, dict[int, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+EXTENSION_TOP = 256  # the plain tokens searched for extensions of a steered word piece ("recase")
+
+
+def _folded(model: Model) -> tuple[list[str], np.ndarray]:
+    cached = _fold_cache.get(model)
+    if cached is None:
+        texts = [model.piece(t).decode("utf-8", "replace").casefold() for t in range(model.n_vocab)]
+        ids: dict[str, int] = {}
+        classes = np.array([ids.setdefault(text, len(ids)) for text in texts], dtype=np.int64)
+        cached = _fold_cache[model] = (texts, classes)
+    return cached
 
 
 def case_classes(model: Model) -> np.ndarray:
     """For each token id, the id of its class of tokens that are equal up to letter case
     (" When", " when" and " WHEN" share one), computed once per model."""
-    classes = _fold_cache.get(model)
-    if classes is None:
-        ids: dict[bytes, int] = {}
-        classes = np.empty(model.n_vocab, dtype=np.int64)
-        for t in range(model.n_vocab):
-            classes[t] = ids.setdefault(model.piece(t).decode("utf-8", "replace").casefold().encode(), len(ids))
-        _fold_cache[model] = classes
-    return classes
+    return _folded(model)[1]
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,18 @@ class Rejection:
       differ only in case are added, and top-k and min-p compare these classes. The plain model
       then vouches for *what* is said while the vector decides *how* it is written: for case
       steering (lowercase, uppercase), whose every effect is a token the plain model would never
-      choose, exact plausibility rejects the effect itself. "none" (default) compares tokens.
+      choose, exact plausibility rejects the effect itself. "recase" is "case", and the plain
+      model also reads the reply in its own casing: each accepted token reaches the plain context
+      as the member of its case class the plain model finds most likely (" japan" as " Japan"), so
+      the plain model stays as sure of the content as on text it wrote itself; fed the lowercase
+      reply it loses track ("the capital of japan is" -> " k" about as likely as " Tokyo"). And a
+      steered token also counts with the plain mass of the tokens whose text in lowercase or in
+      capitals the tokenizer starts with it (" to" with " Tokyo", which lowercased is " to" +
+      "ky" + "o": a word is often split where its usual spelling is one token).
+      Where steering falls back to the plain choice, the steered model (at full strength) picks
+      its spelling within the case class: the plain model's " The", written " the". Each token's
+      plain logits are needed before the next token can be fed, so "recase" decodes token by
+      token (no drafting). "none" (default) compares tokens.
     """
 
     topk: int = 20
@@ -216,7 +232,7 @@ class Steerer:
         run = _Run(self, list(prompt), sampling, max_tokens)
         if plain is None:
             yield from run.unchecked(s_logits, state)
-        elif fast and self.rejection.draft > 1:
+        elif fast and self.rejection.draft > 1 and self.rejection.fold != "recase":
             yield from run.drafted(s_logits, p_logits, state)
         else:
             yield from run.checked(s_logits, p_logits, state)
@@ -257,6 +273,7 @@ class _Run:
         self.s = steerer
         self.model = steerer.model
         self.history = history
+        self.plain_history = list(history)  # what the plain context has read (see Rejection.fold)
         self.n_prompt = len(history)
         self.sampling = sampling
         self.max_tokens = max_tokens
@@ -300,10 +317,13 @@ class _Run:
 
     def _plausible(self, token: int, p_logits: np.ndarray) -> bool:
         rej = self.rejection
-        if rej.fold == "case":
+        if rej.fold != "none":
             classes = case_classes(self.model)
-            mass = np.bincount(classes, weights=softmax(p_logits), minlength=int(classes.max()) + 1)
+            probs = softmax(p_logits)
+            mass = np.bincount(classes, weights=probs, minlength=int(classes.max()) + 1)
             mine = mass[classes[token]]
+            if rej.fold == "recase":
+                mine = max(mine, self._extension_mass(token, probs))
             if int(np.count_nonzero(mass > mine)) >= rej.topk:
                 return False
             return rej.minp <= 0 or mine >= rej.minp * mass.max()
@@ -313,6 +333,37 @@ class _Run:
         if rej.minp > 0:
             return float(np.exp(p_logits[token] - p_logits.max())) >= rej.minp
         return True
+
+    def _extension_mass(self, token: int, probs: np.ndarray) -> float:
+        """The plain probability of the tokens (among the EXTENSION_TOP likeliest) whose text in
+        lowercase or in capitals the tokenizer writes starting with `token`: " to" is as plausible
+        as the plain model's " Tokyo", which lowercased is " to" + "ky" + "o", and " REC" as its
+        " recipe" (" REC" + "IPE"); " t" is not."""
+        if not _folded(self.model)[0][token]:
+            return 0.0
+        starts = _fold_starts.setdefault(self.model, {})
+        top = np.argpartition(-probs, EXTENSION_TOP)[:EXTENSION_TOP]
+        mass = 0.0
+        for u in top:
+            u = int(u)
+            if u not in starts:
+                text = self.model.piece(u).decode("utf-8", "replace")
+                firsts = (self.model.tokenize(t, special=False)[:1] for t in {text.lower(), text.upper()} if t)
+                starts[u] = tuple(f[0] for f in firsts if f)
+            if token in starts[u]:
+                mass += float(probs[u])
+        return mass
+
+    def _spelled(self, token: int, logits: np.ndarray) -> int:
+        """The member of `token`'s case class that `logits` like best."""
+        classes = case_classes(self.model)
+        members = np.flatnonzero(classes == classes[token])
+        return int(members[np.argmax(logits[members])])
+
+    def _plain_token(self, token: int, p_logits: np.ndarray) -> int:
+        """The token the plain context reads for a chosen `token`: itself, or with fold "recase"
+        the plain model's likeliest spelling of it."""
+        return self._spelled(token, p_logits) if self.rejection.fold == "recase" else token
 
     def unchecked(self, s_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """Plain steering: no plain model, no rejection."""
@@ -335,6 +386,7 @@ class _Run:
         """Choose the token at the current step, weakening steering until it is plausible."""
         steered = self.s._steered
         step = self.step
+        full = s_logits
         tok = self.sampling.choose(s_logits, step, 0)
         rounds = 0
         while state.active and not self._plausible(tok, p_logits):
@@ -351,7 +403,10 @@ class _Run:
             tok = self.sampling.choose(s_logits, step, rounds)
         if not state.active:
             status = "plain" if self.s.layers else "unsteered"
-            return self.sampling.choose(p_logits, step, 0), status, rounds, s_logits
+            tok = self.sampling.choose(p_logits, step, 0)
+            if self.rejection.fold == "recase" and self.s.layers:
+                tok = self._spelled(tok, full)  # the plain model's word, the vector's spelling
+            return tok, status, rounds, s_logits
         return tok, ("steered" if rounds == 0 and state.active == state.full else "weakened"), rounds, s_logits
 
     def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening):
@@ -361,6 +416,7 @@ class _Run:
         tok, status, rounds, s_logits = self._resolve(s_logits, p_logits, state)
         ev = self._event(tok, status, rounds, state.active, s_logits, p_logits)
         self.history.append(tok)
+        self.plain_history.append(self._plain_token(tok, p_logits))
         yield ev
         if self._done(tok):
             return None
@@ -368,7 +424,7 @@ class _Run:
         self.s._apply(state.active)
         pos = len(self.history) - 1
         self.s._steered.decode([tok], [pos], [0], [True])
-        return self.s._steered.logits(), self._plain_append([tok], pos)[0]
+        return self.s._steered.logits(), self._plain_append([self.plain_history[-1]], pos)[0]
 
     def checked(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """The token-by-token rejection loop (the reference for the drafted one)."""
@@ -392,7 +448,7 @@ class _Run:
         plain = self.s._plain
         if len(toks) == 1:
             plain.remove(0, start - 1, -1)
-            plain.decode([self.history[start - 1], toks[0]], [start - 1, start], [0, 0], [False, True])
+            plain.decode([self.plain_history[start - 1], toks[0]], [start - 1, start], [0, 0], [False, True])
             return plain.logits()[None]
         plain.decode(toks, range(start, start + len(toks)), [0] * len(toks), [True] * len(toks))
         return plain.logits_rows(len(toks))
@@ -431,6 +487,7 @@ class _Run:
                 ev = self._event(tok, "steered" if st.active == st.full else "weakened", 0, st.active,
                                  cur, plain_logits[j])
                 self.history.append(tok)
+                self.plain_history.append(tok)
                 yield ev
                 if self._done(tok):
                     return

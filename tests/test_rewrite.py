@@ -105,6 +105,96 @@ def test_shipped_lowercase_vector_steers_and_survives_folded_rejection(qwen05):
     assert not any(is_lower(t) for t in replies(vec, Rejection(topk=20, fold="none")))
 
 
+def test_recase_lets_the_plain_model_read_the_reply_in_its_own_casing(smol):
+    """fold="recase": the plain context reads each accepted token as the member of its case class
+    it finds most likely. Recomputed here from scratch: at every step the event's plain
+    probability is the plain model's, given the prompt and the reply recased so far."""
+    vec = ControlVector.load(ROOT / "vectors" / "smollm2-135m-instruct" / "instructions" / "lowercase.gguf")
+    layers = list(vec.layers)
+    prompt = smol.user_prompt("What is the capital of France?")
+    greedy = Sampling(temperature=0)
+
+    def run(rejection):
+        st = Steerer(smol, vec, layers, rejection, layers, details=True)
+        try:
+            return list(st.generate(prompt, 10, greedy))
+        finally:
+            st.close()
+
+    events = run(Rejection(topk=smol.n_vocab, fold="recase"))  # K = vocabulary: all accepted
+    assert [e.token for e in events] == [e.token for e in run(None)]
+    assert is_lower(smol.detokenize([e.token for e in events if not smol.is_eog(e.token)]))
+    classes = case_classes(smol)
+    seen, recased = list(prompt), 0
+    with smol.context() as ctx:
+        for e in events:
+            ctx.clear()
+            ctx.decode_sequence(seen, 0)
+            logits = ctx.logits()
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            assert e.plain_prob == pytest.approx(float(probs[e.token]), rel=0.02, abs=1e-4)
+            members = np.flatnonzero(classes == classes[e.token])
+            seen.append(int(members[np.argmax(logits[members])]))
+            recased += seen[-1] != e.token
+    assert recased >= 1  # "the" was read as "The" at least once
+    # with "case", the plain model reads the lowercase reply itself: other probabilities
+    folded = run(Rejection(topk=smol.n_vocab, fold="case"))
+    assert [e.token for e in folded] == [e.token for e in events]
+    assert any(abs(a.plain_prob - b.plain_prob) > 0.01 for a, b in zip(folded, events))
+
+
+def test_recase_falls_back_to_the_plain_word_in_the_vectors_spelling(smol):
+    """Where steering falls back to the plain choice, "recase" keeps the plain model's word and
+    lets the vector spell it: top-1 plausibility forces many fallbacks, and some of them come out
+    in another case than the plain model's own (" The" written " the")."""
+    vec = ControlVector.load(ROOT / "vectors" / "smollm2-135m-instruct" / "instructions" / "lowercase.gguf")
+    layers = list(vec.layers)
+    classes = case_classes(smol)
+    respelled = 0
+    for rejection in (Rejection(topk=1, fold="recase"), Rejection(topk=1, fold="case")):
+        st = Steerer(smol, vec, layers, rejection, layers, details=True)
+        try:
+            events = [e for q in ("Describe the ocean.", "What is the capital of France?")
+                      for e in st.generate(smol.user_prompt(q), 16, Sampling(temperature=0))]
+        finally:
+            st.close()
+        fallbacks = [e for e in events if e.status == "plain"]
+        assert fallbacks
+        for e in fallbacks:
+            assert classes[e.token] == classes[e.plain_top[0][0]]
+        n = sum(e.token != e.plain_top[0][0] for e in fallbacks)
+        if rejection.fold == "case":
+            assert n == 0  # "case" takes the plain token as it is
+        else:
+            respelled = n
+    assert respelled >= 1
+
+
+def test_recase_counts_the_pieces_a_lowercase_word_is_split_into(qwen05):
+    """Qwen's tokenizer writes " Tokyo" as one token and " tokyo" as " to" + "ky" + "o": when the
+    plain model wants " Tokyo", the steered " to" is as plausible to "recase", " t" is not; and
+    the same for capitals (" recipe", " RECIPE")."""
+    from localsteer.steer import _Run
+
+    tokyo = qwen05.tokenize(" Tokyo", special=False)
+    pieces = qwen05.tokenize(" tokyo", special=False)
+    t = qwen05.tokenize(" t", special=False)
+    assert len(tokyo) == 1 and len(pieces) > 1 and len(t) == 1
+    probs = np.full(qwen05.n_vocab, 0.2 / (qwen05.n_vocab - 1))
+    probs[tokyo[0]] = 0.8
+    st = Steerer(qwen05, None, None, Rejection(fold="recase"), details=False)
+    run = _Run(st, [], Sampling(temperature=0), 1)
+    assert run._extension_mass(pieces[0], probs) == pytest.approx(0.8, abs=1e-3)
+    assert run._extension_mass(t[0], probs) < 0.01
+    assert run._plausible(pieces[0], np.log(probs))
+    recipe = qwen05.tokenize(" recipe", special=False)
+    caps = qwen05.tokenize(" RECIPE", special=False)
+    assert len(recipe) == 1 and len(caps) > 1
+    probs[recipe[0]], probs[tokyo[0]] = 0.8, 0.2 / (qwen05.n_vocab - 1)
+    assert run._extension_mass(caps[0], probs) == pytest.approx(0.8, abs=1e-3)
+
+
 def test_extract_rewrite_cli_errors(tmp_path):
     base = [sys.executable, "-m", "localsteer.cli", "extract", "-o", str(tmp_path / "v.gguf")]
     no_rewrite = subprocess.run(base + ["-d", str(tmp_path / "x.jsonl"), "--method", "rewrite"],

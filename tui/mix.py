@@ -40,7 +40,7 @@ class Choice:
         text = "no steering" if self.steering.vector is None else self.steering.describe()
         if self.rejection is None:
             return text
-        return text + f"; reject top-{self.rejection.topk}" + (", up to case" if self.rejection.fold == "case" else "")
+        return text + f"; reject top-{self.rejection.topk}" + (", up to case" if self.rejection.fold != "none" else "")
 
 
 PLAIN = Choice(api.Steering(None, ()), None)

@@ -32,9 +32,10 @@ from .base import gpu_option, main, model_option, threads_option, verbose_option
               help="...and have plain probability >= this x the plain maximum.")
 @click.option("--recovery", type=click.Choice(["reset", "hold", "gradual"]), default="reset",
               show_default=True, help="How steering comes back after a weakened token.")
-@click.option("--reject-fold", type=click.Choice(["auto", "none", "case"]), default="auto", show_default=True,
-              help="Judge plausibility up to letter case (case: for case-rewrite vectors; auto: when "
-                   "every vector was made as one).")
+@click.option("--reject-fold", type=click.Choice(["auto", "none", "case", "recase"]), default="auto",
+              show_default=True,
+              help="Judge plausibility up to letter case (case: for case-rewrite vectors; recase: and the plain "
+                   "model reads the reply in its own casing; auto: what every vector asks for).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA adapter (e.g. refusal-ablate.gguf), optionally scaled; repeatable.")
 @click.option("--when", "when", default=None, metavar="PROBE",

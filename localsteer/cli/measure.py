@@ -116,6 +116,8 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
 @click.option("--reject-topk", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--reject-minp", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Rejection's second test: plain probability >= this x the plain maximum (0: off).")
+@click.option("--reject-fold", type=click.Choice(["auto", "none", "case", "recase"]), default="auto",
+              show_default=True, help="Rejection's plausibility up to letter case (auto: what each vector asks for).")
 @click.option("--oversteer", type=float, default=4.0, show_default=True,
               help="Strength multiplier of the 'over' conditions.")
 @click.option("--conditions", default=None, help="Only these conditions (comma-separated; default: all).")
@@ -123,8 +125,8 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
               show_default=True, help="Directory for results.json and results.md (a rerun resumes).")
 @threads_option
 @verbose_option
-def eval_(model_names, types, compose, limit, max_tokens, reject_topk, reject_minp, oversteer, conditions, out,
-          threads, verbose) -> None:
+def eval_(model_names, types, compose, limit, max_tokens, reject_topk, reject_minp, reject_fold, oversteer,
+          conditions, out, threads, verbose) -> None:
     """Instruction-following accuracy, task fidelity and fluency with and without steering."""
     from ..evaluate import CONDITIONS
     cond_list = [c for c in (conditions or "").split(",") if c] or list(CONDITIONS)
@@ -145,13 +147,13 @@ def eval_(model_names, types, compose, limit, max_tokens, reject_topk, reject_mi
     try:
         old = json.loads((out / "results.json").read_text()).get("settings", {}) if (out / "results.json").is_file() else {}
         check_settings(old, {"max_tokens": max_tokens, "reject_topk": reject_topk, "reject_minp": reject_minp,
-                             "oversteer": oversteer}, out)
+                             "reject_fold": reject_fold, "oversteer": oversteer}, out)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     models = [(name, api.load_model(name, verbose=verbose)) for name in model_names]
     results = api.evaluate(models, type_list, out, limit=limit, max_tokens=max_tokens, topk=reject_topk,
                            compose=pairs, log=click.echo, oversteer=oversteer, conditions=cond_list,
-                           minp=reject_minp)
+                           minp=reject_minp, fold=reject_fold)
     png = out / "results.png"
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}"
                + (f", {png}" if png.is_file() else " (no plot: pip install 'localsteer[plot]')")
