@@ -61,3 +61,7 @@ def test_settings_check_lets_new_grids_and_older_files_through():
         check_settings({"max_tokens": 32, "reject_topk": 20}, new, ROOT)
     with pytest.raises(ValueError, match="max_tokens 48 here, 32 asked"):
         check_settings({"max_tokens": 48, "reject_topk": 20, "reject_minp": 0.1}, new, ROOT)
+    # older files were made with the fold each vector asks for ("auto")
+    check_settings({"max_tokens": 32, "reject_topk": 20, "reject_minp": 0.1}, {**new, "reject_fold": "auto"}, ROOT)
+    with pytest.raises(ValueError, match="reject_fold auto here, recase asked"):
+        check_settings({"max_tokens": 32, "reject_topk": 20, "reject_minp": 0.1}, {**new, "reject_fold": "recase"}, ROOT)
