@@ -321,12 +321,12 @@ class _Run:
             classes = case_classes(self.model)
             probs = softmax(p_logits)
             mass = np.bincount(classes, weights=probs, minlength=int(classes.max()) + 1)
-            mine = mass[classes[token]]
-            if rej.fold == "recase":
-                mine = max(mine, self._extension_mass(token, probs))
-            if int(np.count_nonzero(mass > mine)) >= rej.topk:
-                return False
-            return rej.minp <= 0 or mine >= rej.minp * mass.max()
+
+            def passes(mine: float) -> bool:
+                return int(np.count_nonzero(mass > mine)) < rej.topk and (rej.minp <= 0 or mine >= rej.minp * mass.max())
+
+            # the test only gets easier with more mass: the word-piece search runs only when needed
+            return passes(mass[classes[token]]) or (rej.fold == "recase" and passes(self._extension_mass(token, probs)))
         better = int(np.count_nonzero(p_logits > p_logits[token]))
         if better >= rej.topk:
             return False
