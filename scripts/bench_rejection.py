@@ -41,7 +41,7 @@ def timed(events) -> tuple[float, int]:
 
 def llama_cpp_reference(path: Path, prompt_text: str, n: int) -> float:
     from llama_cpp import Llama
-    llm = Llama(str(path), n_ctx=2048, n_threads=default_threads(), verbose=False)
+    llm = Llama(str(path), n_ctx=2048, n_threads=default_threads(), n_gpu_layers=-1, verbose=False)
     stream = llm.create_completion(prompt_text, max_tokens=n, temperature=0.0, top_k=1, stream=True)
     speed, _ = timed(stream)
     llm.close()

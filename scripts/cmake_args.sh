@@ -16,21 +16,24 @@ if [ -z "$backend" ]; then
   if [ "$(uname -s)" = "Darwin" ]; then backend=metal; else backend=cpu; fi
 fi
 case "$backend" in
-  cuda)  echo "-DGGML_CUDA=on"; exit 0 ;;
+  cuda)  args="-DGGML_CUDA=on" ;;
   metal) echo "-DGGML_METAL=on"; exit 0 ;;
-  cpu)   ;;
+  cpu)   args="" ;;
   *) echo "unknown LOCALSTEER_BACKEND=$backend (cpu, cuda or metal)" >&2; exit 1 ;;
 esac
+# The CPU backend is built with CUDA too (it runs what is not offloaded), so the AMX flags apply
+# to both: the H100 hosts this was checked on have AMX.
 if [ -r /proc/cpuinfo ] && grep -qw amx_tile /proc/cpuinfo; then
   flags=$(grep -m1 '^flags' /proc/cpuinfo)
   has() { case " $flags " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-  args="-DGGML_NATIVE=OFF -DGGML_AVX=ON"
-  has avx2 && args="$args -DGGML_AVX2=ON"
-  has fma && args="$args -DGGML_FMA=ON"
-  has f16c && args="$args -DGGML_F16C=ON"
-  has avx512f && args="$args -DGGML_AVX512=ON"
-  has avx512vbmi && args="$args -DGGML_AVX512_VBMI=ON"
-  has avx512_vnni && args="$args -DGGML_AVX512_VNNI=ON"
-  has avx512_bf16 && args="$args -DGGML_AVX512_BF16=ON"
-  echo "$args"
+  cpu="-DGGML_NATIVE=OFF -DGGML_AVX=ON"
+  has avx2 && cpu="$cpu -DGGML_AVX2=ON"
+  has fma && cpu="$cpu -DGGML_FMA=ON"
+  has f16c && cpu="$cpu -DGGML_F16C=ON"
+  has avx512f && cpu="$cpu -DGGML_AVX512=ON"
+  has avx512vbmi && cpu="$cpu -DGGML_AVX512_VBMI=ON"
+  has avx512_vnni && cpu="$cpu -DGGML_AVX512_VNNI=ON"
+  has avx512_bf16 && cpu="$cpu -DGGML_AVX512_BF16=ON"
+  args="${args:+$args }$cpu"
 fi
+[ -z "$args" ] || echo "$args"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The checks to run on a GPU build (LOCALSTEER_BACKEND=cuda bash scripts/install.sh --test):
+# the SmolLM2 tests that exercise llama.cpp (capture, control vectors, rejection, interop with
+# llama.cpp's own tools), then how far llama.cpp's kernels are from batch invariance on this
+# backend, then the rejection benchmark. Prints what it finds; the README's GPU section holds
+# the numbers from an H100.
+#
+#   bash scripts/gpu_check.sh [PYTHON]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py="${1:-.venv/bin/python}"
+"$py" -m localsteer.cli doctor
+"$py" -m pytest -q -p no:cacheprovider -k "not qwen" tests/test_runtime.py tests/test_steer.py \
+  tests/test_rejection.py tests/test_interop.py tests/test_instruction.py
+"$py" scripts/batch_invariance.py --models smollm2-135m-instruct
+"$py" scripts/bench_rejection.py --models smollm2-135m-instruct --repeats 2
