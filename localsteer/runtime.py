@@ -231,6 +231,11 @@ class Model:
         self._piece_cache[key] = out
         return out
 
+    @property
+    def bos_token(self) -> int | None:
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        return int(bos) if bos >= 0 else None
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 

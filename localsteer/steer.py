@@ -30,6 +30,7 @@ FOLDS = ("none", "case", "recase")
 
 _fold_cache: "weakref.WeakKeyDictionary[Model, tuple[list[str], np.ndarray]]" = weakref.WeakKeyDictionary()
 _fold_starts: "weakref.WeakKeyDictionary[Model, dict[int, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+_spellings: "weakref.WeakKeyDictionary[Model, dict[int, list[tuple[int, ...]]]]" = weakref.WeakKeyDictionary()
 EXTENSION_TOP = 256  # the plain tokens searched for extensions of a steered word piece ("recase")
 
 
@@ -41,6 +42,38 @@ def _folded(model: Model) -> tuple[list[str], np.ndarray]:
         classes = np.array([ids.setdefault(text, len(ids)) for text in texts], dtype=np.int64)
         cached = _fold_cache[model] = (texts, classes)
     return cached
+
+
+def _text_tokens(model: Model, text: str) -> list[int]:
+    """`text` as the tokenizer writes it, without a BOS token."""
+    toks = model.tokenize(text, special=False)
+    bos = model.bos_token
+    return toks[1:] if toks and bos is not None and toks[0] == bos else toks
+
+
+def _capitalized(text: str) -> str:
+    """`text` with its first letter in capitals (" tokyo" -> " Tokyo")."""
+    for i, ch in enumerate(text):
+        if ch.isalpha():
+            return text[:i] + ch.upper() + text[i + 1:]
+    return text
+
+
+def spellings(model: Model, token: int) -> list[tuple[int, ...]]:
+    """The ways to write `token`'s text up to letter case: each member of its case class as one
+    token, then the lowercase, capitalised and all-capitals writings the tokenizer splits into
+    several pieces (" Tokyo" lowercased is " to" + "ky" + "o"). Cached per model."""
+    cache = _spellings.setdefault(model, {})
+    if token not in cache:
+        classes = case_classes(model)
+        out = [(int(m),) for m in np.flatnonzero(classes == classes[token])]
+        text = model.piece(token).decode("utf-8", "replace")
+        for variant in (text.lower(), _capitalized(text.lower()), text.upper()):
+            toks = tuple(_text_tokens(model, variant))
+            if len(toks) > 1 and toks not in out and model.detokenize(toks) == variant:
+                out.append(toks)
+        cache[token] = out
+    return cache[token]
 
 
 def case_classes(model: Model) -> np.ndarray:
@@ -77,7 +110,10 @@ class Rejection:
       capitals the tokenizer starts with it (" to" with " Tokyo", which lowercased is " to" +
       "ky" + "o": a word is often split where its usual spelling is one token).
       Where steering falls back to the plain choice, the steered model (at full strength) picks
-      its spelling within the case class: the plain model's " The", written " the". Each token's
+      its spelling: the plain model's " The" written " the", or, where that casing has no token
+      of its own, in pieces (" Tokyo" written " to" "ky" "o": the steered side writes three
+      tokens, the plain side reads " Tokyo" once; the pieces after the first come as "plain"
+      events with no plain probabilities). Each token's
       plain logits are needed before the next token can be fed, so "recase" decodes token by
       token (no drafting). "none" (default) compares tokens.
     """
@@ -110,6 +146,7 @@ class TokenEvent:
     token: int
     text: str
     status: str  # "steered" (full steering), "weakened", "plain" (fallback), "unsteered"
+    # a "plain" event with no plain_top continues a fallback word written in pieces (fold "recase")
     rounds: int  # rejection rounds before this token was accepted
     layers: tuple[int, ...]  # layers active when the token was chosen
     steered_prob: float | None = None
@@ -348,7 +385,7 @@ class _Run:
             u = int(u)
             if u not in starts:
                 text = self.model.piece(u).decode("utf-8", "replace")
-                firsts = (self.model.tokenize(t, special=False)[:1] for t in {text.lower(), text.upper()} if t)
+                firsts = (_text_tokens(self.model, t)[:1] for t in {text.lower(), text.upper()} if t)
                 starts[u] = tuple(f[0] for f in firsts if f)
             if token in starts[u]:
                 mass += float(probs[u])
@@ -382,8 +419,11 @@ class _Run:
             s_logits = steered.logits()
 
     def _resolve(self, s_logits: np.ndarray, p_logits: np.ndarray,
-                 state: _Weakening) -> tuple[int, str, int, np.ndarray]:
-        """Choose the token at the current step, weakening steering until it is plausible."""
+                 state: _Weakening) -> tuple[tuple[int, ...], int, str, int, np.ndarray]:
+        """Choose the token at the current step, weakening steering until it is plausible.
+        Returns the tokens written (several only for a "recase" fallback spelled in pieces),
+        the token the plain context reads, the status, the rejection rounds and the last
+        steered logits."""
         steered = self.s._steered
         step = self.step
         full = s_logits
@@ -405,26 +445,37 @@ class _Run:
             status = "plain" if self.s.layers else "unsteered"
             tok = self.sampling.choose(p_logits, step, 0)
             if self.rejection.fold == "recase" and self.s.layers:
-                tok = self._spelled(tok, full)  # the plain model's word, the vector's spelling
-            return tok, status, rounds, s_logits
-        return tok, ("steered" if rounds == 0 and state.active == state.full else "weakened"), rounds, s_logits
+                # the plain model's word, in the spelling the vector likes best: one token of its
+                # case class, or pieces (" to" "ky" "o" for " Tokyo") when it has no such token
+                written = max(spellings(self.model, tok), key=lambda sp: full[sp[0]])
+                return written, tok, status, rounds, s_logits
+            return (tok,), tok, status, rounds, s_logits
+        status = "steered" if rounds == 0 and state.active == state.full else "weakened"
+        return (tok,), self._plain_token(tok, p_logits), status, rounds, s_logits
 
     def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening):
         """Resolve one token with rejection, yield its event, and feed it to both contexts.
         Returns the next (steered, plain) logits, or None when the reply is over."""
         self.s._apply(state.active)
-        tok, status, rounds, s_logits = self._resolve(s_logits, p_logits, state)
-        ev = self._event(tok, status, rounds, state.active, s_logits, p_logits)
-        self.history.append(tok)
-        self.plain_history.append(self._plain_token(tok, p_logits))
-        yield ev
-        if self._done(tok):
-            return None
+        written, read, status, rounds, s_logits = self._resolve(s_logits, p_logits, state)
+        steered = self.s._steered
+        for i, tok in enumerate(written):
+            if i:  # the next piece of a word spelled in several: the steered side reads the last
+                state.after_token()
+                self.s._apply(state.active)
+                steered.decode([self.history[-1]], [len(self.history) - 1], [0], [True])
+                s_logits = steered.logits()
+            ev = self._event(tok, status, 0 if i else rounds, state.active, s_logits, None if i else p_logits)
+            self.history.append(tok)
+            yield ev
+            if self._done(tok):
+                return None
+        # the plain context reads the word once, at its own position (see Rejection.fold)
+        self.plain_history.append(read)
         state.after_token()
         self.s._apply(state.active)
-        pos = len(self.history) - 1
-        self.s._steered.decode([tok], [pos], [0], [True])
-        return self.s._steered.logits(), self._plain_append([self.plain_history[-1]], pos)[0]
+        steered.decode([written[-1]], [len(self.history) - 1], [0], [True])
+        return steered.logits(), self._plain_append([read], len(self.plain_history) - 1)[0]
 
     def checked(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """The token-by-token rejection loop (the reference for the drafted one)."""

@@ -159,10 +159,10 @@ def test_recase_falls_back_to_the_plain_word_in_the_vectors_spelling(smol):
                       for e in st.generate(smol.user_prompt(q), 16, Sampling(temperature=0))]
         finally:
             st.close()
-        fallbacks = [e for e in events if e.status == "plain"]
+        fallbacks = [e for e in events if e.status == "plain" and e.plain_top]
         assert fallbacks
         for e in fallbacks:
-            assert classes[e.token] == classes[e.plain_top[0][0]]
+            assert classes[e.token] == classes[e.plain_top[0][0]]  # SmolLM2: no word in pieces here
         n = sum(e.token != e.plain_top[0][0] for e in fallbacks)
         if rejection.fold == "case":
             assert n == 0  # "case" takes the plain token as it is
@@ -193,6 +193,43 @@ def test_recase_counts_the_pieces_a_lowercase_word_is_split_into(qwen05):
     assert len(recipe) == 1 and len(caps) > 1
     probs[recipe[0]], probs[tokyo[0]] = 0.8, 0.2 / (qwen05.n_vocab - 1)
     assert run._extension_mass(caps[0], probs) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_recase_fallback_spells_a_word_in_pieces_when_its_case_has_no_token(qwen05):
+    """A "recase" fallback writes the plain model's word in the vector's case even where that
+    spelling takes several tokens (Qwen: " butter" is one token, " BUTTER" is " BUT" + "TER"): the
+    steered side writes the pieces, the plain side reads its own word once. Every fallback word,
+    its pieces joined, is the plain model's choice up to case."""
+    vec = ControlVector.load(ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "instructions" / "uppercase.gguf")
+    layers = list(vec.layers)
+    st = Steerer(qwen05, vec, layers, Rejection(topk=1, fold="recase"), layers, details=True)
+    try:
+        events = [e for q in ("Give me a simple recipe for pancakes.", "Describe the ocean in two sentences.")
+                  for e in st.generate(qwen05.user_prompt(q), 32, Sampling(temperature=0))]
+    finally:
+        st.close()
+    words: list[list] = []
+    for e in events:
+        if e.status == "plain" and not e.plain_top:  # the next piece of the word before
+            assert words and words[-1][0].status == "plain"
+            words[-1].append(e)
+        else:
+            words.append([e])
+    fallbacks = [w for w in words if w[0].status == "plain"]
+    in_pieces = [w for w in fallbacks if len(w) > 1]
+    assert in_pieces
+    for w in fallbacks:
+        text = "".join(e.text for e in w)
+        assert text.casefold() == w[0].plain_top[0][1].casefold(), (text, w[0].plain_top[0])
+    assert any("".join(e.text for e in w) != w[0].plain_top[0][1] for w in in_pieces)
+    # "case" never writes a word in pieces: every fallback is the plain token itself
+    st = Steerer(qwen05, vec, layers, Rejection(topk=1, fold="case"), layers, details=True)
+    try:
+        events = list(st.generate(qwen05.user_prompt("Give me a simple recipe for pancakes."), 32,
+                                  Sampling(temperature=0)))
+    finally:
+        st.close()
+    assert all(e.plain_top and e.token == e.plain_top[0][0] for e in events if e.status == "plain")
 
 
 def test_extract_rewrite_cli_errors(tmp_path):
