@@ -108,7 +108,9 @@ class Rejection:
       reply it loses track ("the capital of japan is" -> " k" about as likely as " Tokyo"). And a
       steered token also counts with the plain mass of the tokens whose text in lowercase or in
       capitals the tokenizer starts with it (" to" with " Tokyo", which lowercased is " to" +
-      "ky" + "o": a word is often split where its usual spelling is one token).
+      "ky" + "o": a word is often split where its usual spelling is one token); a piece accepted
+      only so is completed: the steered side writes the rest of that word in that spelling
+      ("ky" "o"), the plain side reads " Tokyo" once.
       Where steering falls back to the plain choice, the steered model (at full strength) picks
       its spelling: the plain model's " The" written " the", or, where that casing has no token
       of its own, in pieces (" Tokyo" written " to" "ky" "o": the steered side writes three
@@ -353,6 +355,11 @@ class _Run:
         return self.s.rejection or self._rejection
 
     def _plausible(self, token: int, p_logits: np.ndarray) -> bool:
+        return self._judge(token, p_logits)[0]
+
+    def _judge(self, token: int, p_logits: np.ndarray) -> tuple[bool, int | None]:
+        """Whether `token` is plausible to the plain model; with fold "recase" also the plain
+        word it passed as the first piece of (" to" for " Tokyo"), when it passed only so."""
         rej = self.rejection
         if rej.fold != "none":
             classes = case_classes(self.model)
@@ -363,33 +370,39 @@ class _Run:
                 return int(np.count_nonzero(mass > mine)) < rej.topk and (rej.minp <= 0 or mine >= rej.minp * mass.max())
 
             # the test only gets easier with more mass: the word-piece search runs only when needed
-            return passes(mass[classes[token]]) or (rej.fold == "recase" and passes(self._extension_mass(token, probs)))
+            if passes(mass[classes[token]]):
+                return True, None
+            if rej.fold == "recase":
+                extended, word = self._extension(token, probs)
+                if passes(extended):
+                    return True, word
+            return False, None
         better = int(np.count_nonzero(p_logits > p_logits[token]))
         if better >= rej.topk:
-            return False
+            return False, None
         if rej.minp > 0:
-            return float(np.exp(p_logits[token] - p_logits.max())) >= rej.minp
-        return True
+            return float(np.exp(p_logits[token] - p_logits.max())) >= rej.minp, None
+        return True, None
 
-    def _extension_mass(self, token: int, probs: np.ndarray) -> float:
-        """The plain probability of the tokens (among the EXTENSION_TOP likeliest) whose text in
-        lowercase or in capitals the tokenizer writes starting with `token`: " to" is as plausible
-        as the plain model's " Tokyo", which lowercased is " to" + "ky" + "o", and " REC" as its
-        " recipe" (" REC" + "IPE"); " t" is not."""
+    def _extension(self, token: int, probs: np.ndarray) -> tuple[float, int | None]:
+        """The plain probability of the tokens (among the EXTENSION_TOP likeliest) that the
+        tokenizer writes, in lowercase, capitalised or in capitals, starting with `token`, and the
+        likeliest of them: " to" is as plausible as the plain model's " Tokyo", which lowercased
+        is " to" + "ky" + "o", and " REC" as its " recipe" (" REC" + "IPE"); " t" is not."""
         if not _folded(self.model)[0][token]:
-            return 0.0
+            return 0.0, None
         starts = _fold_starts.setdefault(self.model, {})
         top = np.argpartition(-probs, EXTENSION_TOP)[:EXTENSION_TOP]
-        mass = 0.0
+        mass, best = 0.0, None
         for u in top:
             u = int(u)
             if u not in starts:
-                text = self.model.piece(u).decode("utf-8", "replace")
-                firsts = (_text_tokens(self.model, t)[:1] for t in {text.lower(), text.upper()} if t)
-                starts[u] = tuple(f[0] for f in firsts if f)
+                starts[u] = tuple({sp[0] for sp in spellings(self.model, u) if len(sp) > 1})
             if token in starts[u]:
                 mass += float(probs[u])
-        return mass
+                if best is None or probs[u] > probs[best]:
+                    best = u
+        return mass, best
 
     def _spelled(self, token: int, logits: np.ndarray) -> int:
         """The member of `token`'s case class that `logits` like best."""
@@ -429,7 +442,8 @@ class _Run:
         full = s_logits
         tok = self.sampling.choose(s_logits, step, 0)
         rounds = 0
-        while state.active and not self._plausible(tok, p_logits):
+        ok, word = self._judge(tok, p_logits) if state.active else (False, None)
+        while state.active and not ok:
             rounds += 1
             state.weaken()
             if not state.active:
@@ -441,6 +455,7 @@ class _Run:
             steered.decode([self.history[-1]], [pos], [0], [True])
             s_logits = steered.logits()
             tok = self.sampling.choose(s_logits, step, rounds)
+            ok, word = self._judge(tok, p_logits)
         if not state.active:
             status = "plain" if self.s.layers else "unsteered"
             tok = self.sampling.choose(p_logits, step, 0)
@@ -451,6 +466,11 @@ class _Run:
                 return written, tok, status, rounds, s_logits
             return (tok,), tok, status, rounds, s_logits
         status = "steered" if rounds == 0 and state.active == state.full else "weakened"
+        if word is not None:
+            # accepted as the first piece of the plain model's `word`: the steered side writes
+            # the rest of the word in that spelling, the plain side reads the word once
+            written = next(sp for sp in spellings(self.model, word) if sp[0] == tok)
+            return written, word, status, rounds, s_logits
         return (tok,), self._plain_token(tok, p_logits), status, rounds, s_logits
 
     def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening):

@@ -144,30 +144,51 @@ def test_recase_lets_the_plain_model_read_the_reply_in_its_own_casing(smol):
     assert any(abs(a.plain_prob - b.plain_prob) > 0.01 for a, b in zip(folded, events))
 
 
+def _words(events) -> list[list]:
+    """Events grouped into the words they write: an event with no plain top-k continues a word
+    written in pieces ("recase")."""
+    words: list[list] = []
+    for e in events:
+        if not e.plain_top and words:
+            words[-1].append(e)
+        else:
+            words.append([e])
+    return words
+
+
 def test_recase_falls_back_to_the_plain_word_in_the_vectors_spelling(smol):
     """Where steering falls back to the plain choice, "recase" keeps the plain model's word and
     lets the vector spell it: top-1 plausibility forces many fallbacks, and some of them come out
-    in another case than the plain model's own (" The" written " the")."""
+    in another case than the plain model's own (" Mercury" written " mercury", " Marie" as
+    " mar" + "ie"). With "case" a fallback is the plain token itself. And a steered word piece
+    accepted as the start of the plain model's word is completed in its spelling."""
     vec = ControlVector.load(ROOT / "vectors" / "smollm2-135m-instruct" / "instructions" / "lowercase.gguf")
     layers = list(vec.layers)
-    classes = case_classes(smol)
     respelled = 0
     for rejection in (Rejection(topk=1, fold="recase"), Rejection(topk=1, fold="case")):
         st = Steerer(smol, vec, layers, rejection, layers, details=True)
         try:
-            events = [e for q in ("Describe the ocean.", "What is the capital of France?")
+            events = [e for q in ("Name three famous scientists.", "Which planets are closest to the Sun?")
                       for e in st.generate(smol.user_prompt(q), 16, Sampling(temperature=0))]
         finally:
             st.close()
-        fallbacks = [e for e in events if e.status == "plain" and e.plain_top]
+        fallbacks = [w for w in _words(events) if w[0].status == "plain"]
         assert fallbacks
-        for e in fallbacks:
-            assert classes[e.token] == classes[e.plain_top[0][0]]  # SmolLM2: no word in pieces here
-        n = sum(e.token != e.plain_top[0][0] for e in fallbacks)
+        for w in fallbacks:
+            text = "".join(e.text for e in w)
+            assert text.casefold() == w[0].plain_top[0][1].casefold(), (text, w[0].plain_top[0])
+        n = sum("".join(e.text for e in w) != w[0].plain_top[0][1] for w in fallbacks)
         if rejection.fold == "case":
-            assert n == 0  # "case" takes the plain token as it is
+            assert n == 0 and all(e.plain_top for e in events)  # "case" takes the plain token as it is
         else:
             respelled = n
+            # a steered piece accepted as the start of a plain word (" ven" of " Venus") is
+            # followed by the rest of that word, in the same case (" ven" + "us")
+            accepted = [w for w in _words(events) if w[0].status != "plain" and len(w) > 1]
+            assert accepted
+            for w in accepted:
+                text = "".join(e.text for e in w).casefold()
+                assert text in [t.casefold() for _, t, _ in w[0].plain_top], (text, w[0].plain_top)
     assert respelled >= 1
 
 
@@ -185,14 +206,14 @@ def test_recase_counts_the_pieces_a_lowercase_word_is_split_into(qwen05):
     probs[tokyo[0]] = 0.8
     st = Steerer(qwen05, None, None, Rejection(fold="recase"), details=False)
     run = _Run(st, [], Sampling(temperature=0), 1)
-    assert run._extension_mass(pieces[0], probs) == pytest.approx(0.8, abs=1e-3)
-    assert run._extension_mass(t[0], probs) < 0.01
+    assert run._extension(pieces[0], probs) == (pytest.approx(0.8, abs=1e-3), tokyo[0])
+    assert run._extension(t[0], probs)[0] < 0.01
     assert run._plausible(pieces[0], np.log(probs))
     recipe = qwen05.tokenize(" recipe", special=False)
     caps = qwen05.tokenize(" RECIPE", special=False)
     assert len(recipe) == 1 and len(caps) > 1
     probs[recipe[0]], probs[tokyo[0]] = 0.8, 0.2 / (qwen05.n_vocab - 1)
-    assert run._extension_mass(caps[0], probs) == pytest.approx(0.8, abs=1e-3)
+    assert run._extension(caps[0], probs) == (pytest.approx(0.8, abs=1e-3), recipe[0])
 
 
 def test_recase_fallback_spells_a_word_in_pieces_when_its_case_has_no_token(qwen05):
@@ -208,13 +229,7 @@ def test_recase_fallback_spells_a_word_in_pieces_when_its_case_has_no_token(qwen
                   for e in st.generate(qwen05.user_prompt(q), 32, Sampling(temperature=0))]
     finally:
         st.close()
-    words: list[list] = []
-    for e in events:
-        if e.status == "plain" and not e.plain_top:  # the next piece of the word before
-            assert words and words[-1][0].status == "plain"
-            words[-1].append(e)
-        else:
-            words.append([e])
+    words = _words(events)
     fallbacks = [w for w in words if w[0].status == "plain"]
     in_pieces = [w for w in fallbacks if len(w) > 1]
     assert in_pieces
