@@ -114,8 +114,8 @@ class Rejection:
       Where steering falls back to the plain choice, the steered model (at full strength) picks
       its spelling: the plain model's " The" written " the", or, where that casing has no token
       of its own, in pieces (" Tokyo" written " to" "ky" "o": the steered side writes three
-      tokens, the plain side reads " Tokyo" once; the pieces after the first come as "plain"
-      events with no plain probabilities). Each token's
+      tokens, the plain side reads " Tokyo" once; the pieces after the first come as events
+      with no plain probabilities). Each token's
       plain logits are needed before the next token can be fed, so "recase" decodes token by
       token (no drafting). "none" (default) compares tokens.
     """
@@ -148,7 +148,7 @@ class TokenEvent:
     token: int
     text: str
     status: str  # "steered" (full steering), "weakened", "plain" (fallback), "unsteered"
-    # a "plain" event with no plain_top continues a fallback word written in pieces (fold "recase")
+    # an event with no plain_top continues a word written in pieces (fold "recase")
     rounds: int  # rejection rounds before this token was accepted
     layers: tuple[int, ...]  # layers active when the token was chosen
     steered_prob: float | None = None
@@ -434,7 +434,7 @@ class _Run:
     def _resolve(self, s_logits: np.ndarray, p_logits: np.ndarray,
                  state: _Weakening) -> tuple[tuple[int, ...], int, str, int, np.ndarray]:
         """Choose the token at the current step, weakening steering until it is plausible.
-        Returns the tokens written (several only for a "recase" fallback spelled in pieces),
+        Returns the tokens written (several only with "recase", for a word written in pieces),
         the token the plain context reads, the status, the rejection rounds and the last
         steered logits."""
         steered = self.s._steered
