@@ -14,12 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from localsteer import api  # noqa: E402
+import numpy as np  # noqa: E402  (after localsteer, which loads llama.cpp first)
 
 
 def main() -> None:

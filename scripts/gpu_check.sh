@@ -10,7 +10,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 py="${1:-.venv/bin/python}"
 "$py" -m localsteer.cli doctor
-"$py" -m pytest -q -p no:cacheprovider -k "not qwen" tests/test_runtime.py tests/test_steer.py \
-  tests/test_rejection.py tests/test_interop.py tests/test_instruction.py
+# localsteer is imported before pytest's plugins can import numpy (see localsteer/__init__.py)
+"$py" -c 'import localsteer, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))' -q -p no:cacheprovider \
+  -k "not qwen" tests/test_runtime.py tests/test_steer.py tests/test_rejection.py tests/test_interop.py \
+  tests/test_instruction.py
 "$py" scripts/batch_invariance.py --models smollm2-135m-instruct
 "$py" scripts/bench_rejection.py --models smollm2-135m-instruct --repeats 2

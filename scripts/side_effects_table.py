@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -38,6 +36,7 @@ from localsteer.dataset import load_split_prompts  # noqa: E402
 from localsteer.measure import BenignKL  # noqa: E402
 from localsteer.refusal import is_refusal, load_sets  # noqa: E402
 from localsteer.sampling import Sampling  # noqa: E402
+import numpy as np  # noqa: E402  (after localsteer, which loads llama.cpp first)
 
 GREEDY = Sampling(temperature=0.0)
 ROWS = (  # name, steered, gated, KTS adapter, rejection

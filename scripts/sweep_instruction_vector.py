@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -26,6 +24,7 @@ from localsteer.instruction import ALL_POSITIONS  # noqa: E402
 from localsteer.runtime import Model  # noqa: E402
 from localsteer.steer import Steerer  # noqa: E402
 from localsteer.vector import ControlVector  # noqa: E402
+import numpy as np  # noqa: E402  (after localsteer, which loads llama.cpp first)
 
 
 def main() -> None:
