@@ -76,6 +76,33 @@ def spellings(model: Model, token: int) -> list[tuple[int, ...]]:
     return cache[token]
 
 
+_case_patterns: "weakref.WeakKeyDictionary[Model, np.ndarray]" = weakref.WeakKeyDictionary()
+LOWER, CAPITAL, UPPER, ONE_CAPITAL = 1, 2, 3, 4  # letter-case patterns of a token's text (0: none)
+
+
+def _pattern(text: str) -> int:
+    letters = "".join(ch for ch in text if ch.isalpha())
+    if not letters:
+        return 0
+    if letters.islower():
+        return LOWER
+    if len(letters) == 1:
+        return ONE_CAPITAL  # "W" starts a capitalised word as often as one in capitals
+    if letters[0].isupper() and letters[1:].islower():
+        return CAPITAL
+    return UPPER if letters.isupper() else 0
+
+
+def case_patterns(model: Model) -> np.ndarray:
+    """For each token id, the case pattern of its letters: LOWER ("when"), CAPITAL ("When"),
+    UPPER ("WHEN"), ONE_CAPITAL ("W") or 0 (no letters, or mixed). Computed once per model."""
+    cached = _case_patterns.get(model)
+    if cached is None:
+        cached = _case_patterns[model] = np.array(
+            [_pattern(model.piece(t).decode("utf-8", "replace")) for t in range(model.n_vocab)], dtype=np.int8)
+    return cached
+
+
 def case_classes(model: Model) -> np.ndarray:
     """For each token id, the id of its class of tokens that are equal up to letter case
     (" When", " when" and " WHEN" share one), computed once per model."""
@@ -111,11 +138,12 @@ class Rejection:
       "ky" + "o": a word is often split where its usual spelling is one token); a piece accepted
       only so is completed: the steered side writes the rest of that word in that spelling
       ("ky" "o"), the plain side reads " Tokyo" once.
-      Where steering falls back to the plain choice, the steered model (at full strength) picks
-      its spelling: the plain model's " The" written " the", or, where that casing has no token
-      of its own, in pieces (" Tokyo" written " to" "ky" "o": the steered side writes three
-      tokens, the plain side reads " Tokyo" once; the pieces after the first come as events
-      with no plain probabilities). Each token's
+      Where steering falls back to the plain choice, or was weakened, the steered model at full
+      strength picks the spelling: the case pattern (lowercase, capitalised, capitals) its
+      distribution gives the most mass decides: the plain model's " The" written " the", or,
+      where that casing has no token of its own, in pieces (" Tokyo" written " to" "ky" "o":
+      the steered side writes three tokens, the plain side reads " Tokyo" once; the pieces after
+      the first come as events with no plain probabilities). Each token's
       plain logits are needed before the next token can be fed, so "recase" decodes token by
       token (no drafting). "none" (default) compares tokens.
     """
@@ -404,6 +432,20 @@ class _Run:
                     best = u
         return mass, best
 
+    def _respelled(self, word: int, full: np.ndarray) -> tuple[int, ...]:
+        """`word` written the way the steered model at full strength writes letters here: in the
+        case pattern (lowercase, capitalised, capitals) its distribution `full` gives the most
+        mass, as one token or in pieces; among spellings of that pattern, or where none has
+        it, the one whose first token `full` likes best."""
+        options = spellings(self.model, word)
+        patterns = case_patterns(self.model)
+        probs = softmax(full)
+        mass = np.bincount(patterns, weights=probs, minlength=5)
+        mass[0] = -1.0
+        mass[ONE_CAPITAL] = max(mass[CAPITAL], mass[UPPER])
+        liked = max(options, key=lambda sp: (mass[_pattern(self.model.detokenize(sp))], full[sp[0]]))
+        return liked
+
     def _spelled(self, token: int, logits: np.ndarray) -> int:
         """The member of `token`'s case class that `logits` like best."""
         classes = case_classes(self.model)
@@ -462,8 +504,7 @@ class _Run:
             if self.rejection.fold == "recase" and self.s.layers:
                 # the plain model's word, in the spelling the vector likes best: one token of its
                 # case class, or pieces (" to" "ky" "o" for " Tokyo") when it has no such token
-                written = max(spellings(self.model, tok), key=lambda sp: full[sp[0]])
-                return written, tok, status, rounds, s_logits
+                return self._respelled(tok, full), tok, status, rounds, s_logits
             return (tok,), tok, status, rounds, s_logits
         status = "steered" if rounds == 0 and state.active == state.full else "weakened"
         if word is not None:
@@ -471,6 +512,9 @@ class _Run:
             # the rest of the word in that spelling, the plain side reads the word once
             written = next(sp for sp in spellings(self.model, word) if sp[0] == tok)
             return written, word, status, rounds, s_logits
+        if status == "weakened" and self.rejection.fold == "recase":
+            # weakened steering may lose the vector's case: the full-strength vector spells it
+            return self._respelled(tok, full), self._plain_token(tok, p_logits), status, rounds, s_logits
         return (tok,), self._plain_token(tok, p_logits), status, rounds, s_logits
 
     def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening):

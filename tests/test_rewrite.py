@@ -247,6 +247,32 @@ def test_recase_fallback_spells_a_word_in_pieces_when_its_case_has_no_token(qwen
     assert all(e.plain_top and e.token == e.plain_top[0][0] for e in events if e.status == "plain")
 
 
+def test_recase_spells_in_the_case_the_full_vector_writes_letters_in(qwen05):
+    """A fallback's spelling follows the case pattern the full-strength steered distribution puts
+    most mass on, not the logit of one token: here " Tokyo" itself is the likeliest single token,
+    but most of the mass is on lowercase tokens, so the word is written " to" "ky" "o"; with the
+    mass on capitals, " TOKYO" (in whatever pieces the tokenizer uses); single capital letters
+    ("T") count for neither."""
+    from localsteer.steer import CAPITAL, LOWER, ONE_CAPITAL, UPPER, _Run, case_patterns
+
+    tokyo = qwen05.tokenize(" Tokyo", special=False)[0]
+    patterns = case_patterns(qwen05)
+    rng = np.random.default_rng(0)
+    st = Steerer(qwen05, None, None, Rejection(fold="recase"), details=False)
+    run = _Run(st, [], Sampling(temperature=0), 1)
+
+    def spelled(pattern: int) -> str:
+        full = np.full(qwen05.n_vocab, -30.0, dtype=np.float32)
+        full[rng.choice(np.flatnonzero(patterns == pattern), 2000, replace=False)] = 4.0
+        full[rng.choice(np.flatnonzero(patterns == ONE_CAPITAL), 20, replace=False)] = 4.5
+        full[tokyo] = 5.0
+        return qwen05.detokenize(run._respelled(tokyo, full))
+
+    assert spelled(LOWER) == " tokyo"
+    assert spelled(UPPER) == " TOKYO"
+    assert spelled(CAPITAL) == " Tokyo"
+
+
 def test_extract_rewrite_cli_errors(tmp_path):
     base = [sys.executable, "-m", "localsteer.cli", "extract", "-o", str(tmp_path / "v.gguf")]
     no_rewrite = subprocess.run(base + ["-d", str(tmp_path / "x.jsonl"), "--method", "rewrite"],
