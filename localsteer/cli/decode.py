@@ -35,7 +35,8 @@ from .base import gpu_option, main, model_option, threads_option, verbose_option
 @click.option("--reject-fold", type=click.Choice(["auto", "none", "case", "recase"]), default="auto",
               show_default=True,
               help="Judge plausibility up to letter case (case: for case-rewrite vectors; recase: and the plain "
-                   "model reads the reply in its own casing; auto: what every vector asks for).")
+                   "model reads the reply in its own casing while the vector spells the words, in pieces "
+                   "where needed; auto: what every vector asks for).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA adapter (e.g. refusal-ablate.gguf), optionally scaled; repeatable.")
 @click.option("--when", "when", default=None, metavar="PROBE",
