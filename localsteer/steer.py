@@ -443,8 +443,7 @@ class _Run:
         mass = np.bincount(patterns, weights=probs, minlength=5)
         mass[0] = -1.0
         mass[ONE_CAPITAL] = max(mass[CAPITAL], mass[UPPER])
-        liked = max(options, key=lambda sp: (mass[_pattern(self.model.detokenize(sp))], full[sp[0]]))
-        return liked
+        return max(options, key=lambda sp: (mass[_pattern(self.model.detokenize(sp))], full[sp[0]]))
 
     def _spelled(self, token: int, logits: np.ndarray) -> int:
         """The member of `token`'s case class that `logits` like best."""
