@@ -160,10 +160,11 @@ def rejection_config(topk: int | None, minp: float = 0.0, recovery: str = "reset
 
 
 def fold_for(specs: Sequence[str]) -> str:
-    """The plausibility fold the vectors ask for: "case" when every one of them was made as a
-    case rewrite (their metadata says `reject_fold: case`), else "none"."""
+    """The plausibility fold the vectors ask for: "case" when any of them was made as a case
+    rewrite (its metadata says `reject_fold: case`), else "none". The fold only forgives a
+    difference of letter case, which is what a case vector in a mix asks to be forgiven."""
     folds = {str(load_vector(parse_spec(s)[0]).meta.get("reject_fold", "none")) for s in specs}
-    return "case" if folds == {"case"} else "none"
+    return "case" if "case" in folds else "none"
 
 
 def extract_rewrite_vector(model: Model, dataset: str | os.PathLike, rewrite: str,

@@ -147,12 +147,16 @@ class Results:
 
 def markdown(results: dict) -> str:
     rows: dict[tuple[str, str], dict[str, dict]] = {}
-    joint: list[str] = []
+    joint: list[tuple[str, str, int, bool, str]] = []
     for key, cell in results["cells"].items():
         model, itype, cond = key.split("|")
         if itype.startswith("joint "):
-            joint.append(f"| {model} | {itype[6:]} | {cell['pass_rate']:.0%} | {cell['accuracy']:.0%} | "
-                         f"{cell['perplexity']:.1f} |")
+            decoding = "rejection" if cond.endswith("+rej") else "steered"
+            pair, label = itype[6:].split(" by ")
+            order = pair.split("&").index(label) if label in pair.split("&") else 2  # a, b, then a+b
+            joint.append((model, pair, order, decoding == "rejection",
+                          f"| {model} | {itype[6:]} | {decoding} | {cell['pass_rate']:.0%} | {cell['accuracy']:.0%} | "
+                          f"{cell['perplexity']:.1f} |"))
             continue
         rows.setdefault((model, itype), {})[cond] = cell
     settings = results.get("settings", {})
@@ -182,9 +186,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {model} | {itype} | {v['steer']:.3f} | {v['over']:.3f} |")
     if joint:
         lines += ["", "Composition: both constraints at once, no instruction in the prompt, steering with "
-                  "one vector or the sum.", "",
-                  "| model | constraints, steered by | joint pass | joint accuracy (fluent) | median perplexity |",
-                  "|---|---|---|---|---|", *joint]
+                  "one vector or the sum, with and without dynamic rejection.", "",
+                  "| model | constraints, steered by | decoding | joint pass | joint accuracy (fluent) | median perplexity |",
+                  "|---|---|---|---|---|---|", *(row[-1] for row in sorted(joint))]
     return "\n".join(lines) + "\n"
 
 
@@ -296,13 +300,14 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
             cell(itype, items, vec_for(itype), [items[0]["check"]], conditions)
             side_effects(itype, vec_for(itype))
             report(results, out_dir)
-        for a, b in compose if "steer" in conditions else ():  # joint cells are `steer` cells
+        joint_conditions = [c for c in ("steer", "steer+rej") if c in conditions]  # no instruction in the prompt
+        for a, b in compose if joint_conditions else ():
             items = verify.split(verify.load_instruction_set(datasets / "instructions" / f"{a}.jsonl"), "test")
             items = items[:limit] if limit else items
             check_b = verify.load_instruction_set(datasets / "instructions" / f"{b}.jsonl")[0]["check"]
             checks = [items[0]["check"], check_b]
             for label, vector in ((a, vec_for(a)), (b, vec_for(b)), (f"{a}+{b}", vec_for(a) + vec_for(b))):
-                cell(f"joint {a}&{b} by {label}", items, vector, checks, ("steer",))
+                cell(f"joint {a}&{b} by {label}", items, vector, checks, joint_conditions)
             report(results, out_dir)
     report(results, out_dir)
     return results

@@ -26,12 +26,14 @@ def test_eval_grid_runs_resumes_and_reports(tmp_path):
         assert cell["perplexity"] > 1 and cell["tokens_per_second"] > 0
     # the verifier really ran: the plain model does not write in lowercase by itself
     assert cells["qwen2.5-coder-0.5b-instruct|lowercase|plain"]["pass_rate"] == 0
-    assert any(k.startswith("qwen2.5-coder-0.5b-instruct|joint lowercase&exclude_word by lowercase+exclude_word")
-               for k in cells)
+    for by in ("lowercase", "exclude_word", "lowercase+exclude_word"):  # each alone and the sum, with and without rejection
+        for c in ("steer", "steer+rej"):
+            assert cells[f"qwen2.5-coder-0.5b-instruct|joint lowercase&exclude_word by {by}|{c}"]["n"] == 2
     kl = data["benign_kl"]["qwen2.5-coder-0.5b-instruct|lowercase"]
     assert 0 < kl["steer"] < kl["over"]  # side effects grow with the strength
     md = (out / "results.md").read_text()
     assert "| qwen2.5-coder-0.5b-instruct | lowercase |" in md and "Composition" in md and "benign KL" in md
+    assert "| lowercase&exclude_word by lowercase+exclude_word | rejection |" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # a rerun finds every cell done and computes nothing
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)

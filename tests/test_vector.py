@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -29,6 +31,21 @@ def test_arithmetic_is_elementwise():
     np.testing.assert_allclose((-a).directions, -a.directions)
     np.testing.assert_allclose(sum([a, b]).directions, (a + b).directions)
     np.testing.assert_allclose((3 * a).directions, (a * 3).directions)
+
+
+def test_a_sum_with_a_case_rewrite_in_it_asks_for_the_case_fold():
+    case = vec(1).with_meta(reject_fold="case")
+    assert (case + vec(2)).meta["reject_fold"] == "case"
+    assert (vec(2) + case).meta["reject_fold"] == "case"
+    assert "reject_fold" not in (vec(1) + vec(2)).meta
+
+
+def test_fold_for_turns_the_case_fold_on_when_any_vector_asks():
+    from localsteer.api import fold_for
+    vectors = f"{Path(__file__).parent.parent}/vectors/qwen2.5-coder-0.5b-instruct/instructions/"
+    assert fold_for([vectors + "lowercase.gguf"]) == "case"
+    assert fold_for([vectors + "lowercase.gguf", vectors + "exclude_word.gguf:2"]) == "case"
+    assert fold_for([vectors + "exclude_word.gguf"]) == "none"
 
 
 def test_adding_vectors_of_different_models_is_refused():

@@ -36,7 +36,7 @@ from .base import gpu_option, main, model_option, threads_option, verbose_option
               show_default=True,
               help="Judge plausibility up to letter case (case: for case-rewrite vectors; recase: and the plain "
                    "model reads the reply in its own casing while the vector spells the words, in pieces "
-                   "where needed; auto: what every vector asks for).")
+                   "where needed; auto: case when a vector in use asks for it).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA adapter (e.g. refusal-ablate.gguf), optionally scaled; repeatable.")
 @click.option("--when", "when", default=None, metavar="PROBE",
