@@ -610,6 +610,8 @@ def test_mix_rejection_is_case_folded_for_case_rewrite_vectors(smol):
     happy = SMOL_VECTORS / "happy-sad.gguf"
     folded = choose(smol, MixSettings(parts=((rewrite, 1.0),), reject=True))
     assert folded.rejection.fold == "case" and "up to case" in folded.describe()
+    # a case rewrite in a mix still changes letter case: the fold stays on (api.fold_for)
     mixed = choose(smol, MixSettings(parts=((rewrite, 1.0), (happy, 1.0)), reject=True))
-    assert mixed.rejection.fold == "none"
+    assert mixed.rejection.fold == "case"
+    assert choose(smol, MixSettings(parts=((happy, 1.0),), reject=True)).rejection.fold == "none"
     assert choose(smol, MixSettings(parts=((rewrite, 1.0),), reject=False)).rejection is None
