@@ -153,7 +153,8 @@ def markdown(results: dict) -> str:
         if itype.startswith("joint "):
             decoding = "rejection" if cond.endswith("+rej") else "steered"
             pair, label = itype[6:].split(" by ")
-            order = pair.split("&").index(label) if label in pair.split("&") else 2  # a, b, then a+b
+            a, b = pair.split("&")
+            order = {a: 0, b: 1}.get(label, 2)  # each alone, then the sum
             joint.append((model, pair, order, decoding == "rejection",
                           f"| {model} | {itype[6:]} | {decoding} | {cell['pass_rate']:.0%} | {cell['accuracy']:.0%} | "
                           f"{cell['perplexity']:.1f} |"))

@@ -125,9 +125,8 @@ class ControlVector:
         n = max(self.n_layer, other.n_layer)
         meta = {k: v for k, v in self.meta.items() if k in ("model_name", "model_sha256", "n_layer")}
         meta["method"] = "sum"
-        folds = {self.meta.get("reject_fold"), other.meta.get("reject_fold")} - {None, "none"}
-        if folds:  # a mix with a case rewrite in it changes letter case (steer.Rejection.fold)
-            meta["reject_fold"] = sorted(folds)[0]
+        if "case" in (self.meta.get("reject_fold"), other.meta.get("reject_fold")):
+            meta["reject_fold"] = "case"  # a mix with a case rewrite in it changes letter case (api.fold_for)
         return ControlVector(self._padded(n) + other._padded(n), self.arch, meta)
 
     __radd__ = __add__
