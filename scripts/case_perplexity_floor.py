@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--reject-minp", type=float, default=0.0)
     ap.add_argument("--reject-fold", default="recase")
     args = ap.parse_args()
+    for name in args.models.split(",") if args.vector else ():
+        if not vector_path(args.vector, name).is_file():  # before any model is loaded
+            sys.exit(f"error: no vector file {args.vector}, nor a shipped {args.vector} vector for {name}")
     items = verify.split(verify.load_instruction_set(ROOT / "vectors" / "datasets" / "instructions" / "lowercase.jsonl"),
                          "test")
     print(f"{'model':<30}{'replies':>8}{'as written':>12}{'lowercased':>16}{'in capitals':>16}")
@@ -71,12 +74,16 @@ def main() -> None:
             steered_replies(model, name, items, args, base)
 
 
+def vector_path(spec: str, name: str) -> Path:
+    """A vector file, or the shipped instruction vector of that type for the model."""
+    path = Path(spec)
+    return path if path.is_file() else ROOT / "vectors" / name / "instructions" / f"{spec}.gguf"
+
+
 def steered_replies(model, name: str, items, args, base: float) -> None:
     """The eval's replies for one steered setting (as its `over+rej` cell makes them), scored as
     generated and as text tokenized afresh."""
-    path = Path(args.vector)
-    if not path.is_file():
-        path = ROOT / "vectors" / name / "instructions" / f"{args.vector}.gguf"
+    path = vector_path(args.vector, name)
     vector = ControlVector.load(path) * args.scale
     layers = list(vector.layers)
     rejection = Rejection(topk=args.reject_topk, minp=args.reject_minp, fold=args.reject_fold)
