@@ -157,7 +157,7 @@ def markdown(results: dict) -> str:
             order = {a: 0, b: 1}.get(label, 2)  # each alone, then the sum
             joint.append((model, pair, order, decoding == "rejection",
                           f"| {model} | {itype[6:]} | {decoding} | {cell['pass_rate']:.0%} | {cell['accuracy']:.0%} | "
-                          f"{cell['perplexity']:.1f} |"))
+                          f"{cell['perplexity']:.1f} | {cell['tokens_per_second']:.1f} |"))
             continue
         rows.setdefault((model, itype), {})[cond] = cell
     settings = results.get("settings", {})
@@ -177,6 +177,13 @@ def markdown(results: dict) -> str:
             out.append("" if cell is None else
                        f"{cell['accuracy']:.0%} / {cell['fidelity']:.0%} / {cell['perplexity']:.1f}")
         lines.append(f"| {model} | {itype} | " + " | ".join(out) + " |")
+    if rows:
+        lines += ["", "Speed: tokens/s of the replies (the mean over prompts, prompt evaluation included), "
+                  "each cell as measured on the machine that ran the grid.", "",
+                  "| model | instruction | " + " | ".join(CONDITIONS) + " |", "|---|---|" + "---|" * len(CONDITIONS)]
+        for (model, itype), cells in sorted(rows.items()):
+            speeds = ["" if cells.get(c) is None else f"{cells[c]['tokens_per_second']:.1f}" for c in CONDITIONS]
+            lines.append(f"| {model} | {itype} | " + " | ".join(speeds) + " |")
     kls = results.get("benign_kl", {})
     if kls:
         lines += ["", f"Side effects: KL(plain ‖ steered) on the built-in benign prompts (test split, along the plain "
@@ -188,8 +195,8 @@ def markdown(results: dict) -> str:
     if joint:
         lines += ["", "Composition: both constraints at once, no instruction in the prompt, steering with "
                   "one vector or the sum, with and without dynamic rejection.", "",
-                  "| model | constraints, steered by | decoding | joint pass | joint accuracy (fluent) | median perplexity |",
-                  "|---|---|---|---|---|---|", *(row[-1] for row in sorted(joint))]
+                  "| model | constraints, steered by | decoding | joint pass | joint accuracy (fluent) | median perplexity "
+                  "| tok/s |", "|---|---|---|---|---|---|---|", *(row[-1] for row in sorted(joint))]
     return "\n".join(lines) + "\n"
 
 
@@ -333,24 +340,30 @@ def plot(results: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, dict[str, float]]] = {}  # model -> instruction -> condition -> accuracy
     for key, cell in results["cells"].items():
         model, itype, cond = key.split("|")
         if not itype.startswith("joint "):
-            rows.setdefault(f"{model}\n{itype}", {})[cond] = cell["accuracy"]
+            rows.setdefault(model, {}).setdefault(itype, {})[cond] = cell["accuracy"]
     if not rows:
         return None
-    labels = sorted(rows)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
+    models = sorted(rows)
+    n_types = max(len(types) for types in rows.values())
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 1.5 * n_types), 3.0 * len(models)), squeeze=False)
     width = 0.8 / len(CONDITIONS)
-    for i, cond in enumerate(CONDITIONS):
-        xs = [j + (i - len(CONDITIONS) / 2 + 0.5) * width for j in range(len(labels))]
-        ax.bar(xs, [100 * rows[lab].get(cond, 0.0) for lab in labels], width, label=cond)
-    ax.set_xticks(range(len(labels)), [lab.replace("qwen2.5-coder-", "qwen-") for lab in labels], fontsize=7)
-    ax.set_ylabel(f"constraint accuracy, % (fluent: ppl <= {FLUENT_PPL:g})")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
+    for ax, model in zip(axes[:, 0], models):
+        labels = sorted(rows[model])
+        for i, cond in enumerate(CONDITIONS):
+            xs = [j + (i - len(CONDITIONS) / 2 + 0.5) * width for j in range(len(labels))]
+            ax.bar(xs, [100 * rows[model][lab].get(cond, 0.0) for lab in labels], width, label=cond)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel("accuracy, %", fontsize=8)
+        ax.set_ylim(0, 100)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(CONDITIONS), fontsize=7, frameon=False)
+    fig.suptitle(f"constraint accuracy (the checker passes and perplexity <= {FLUENT_PPL:g}), test split", fontsize=9)
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part.png")
     fig.savefig(tmp, dpi=110)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -34,6 +36,12 @@ def test_eval_grid_runs_resumes_and_reports(tmp_path):
     md = (out / "results.md").read_text()
     assert "| qwen2.5-coder-0.5b-instruct | lowercase |" in md and "Composition" in md and "benign KL" in md
     assert "| lowercase&exclude_word by lowercase+exclude_word | rejection |" in md
+    # every cell's speed is reported too: a row of tokens/s per (model, instruction), a column for the sums
+    speeds = md[md.index("Speed: tokens/s"):]
+    speed_row = next(line for line in speeds.splitlines() if line.startswith("| qwen2.5-coder-0.5b-instruct | lowercase |"))
+    assert [float(x) for x in speed_row.strip("| ").split(" | ")[2:]] == pytest.approx(
+        [cells[f"qwen2.5-coder-0.5b-instruct|lowercase|{c}"]["tokens_per_second"] for c in conds], abs=0.051)
+    assert "| median perplexity | tok/s |" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # a rerun finds every cell done and computes nothing
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -53,8 +61,6 @@ def test_eval_rejects_unknown_types(tmp_path):
 
 
 def test_settings_check_lets_new_grids_and_older_files_through():
-    import pytest
-
     from localsteer.evaluate import check_settings
     new = {"max_tokens": 32, "reject_topk": 20, "reject_minp": 0.1}
     check_settings({}, new, ROOT)  # nothing finished yet
