@@ -154,9 +154,9 @@ def sampling_config(temperature: float = 0.8, top_k: int = 40, top_p: float = 0.
 
 def rejection_config(topk: int | None, minp: float = 0.0, recovery: str = "reset",
                      draft: int = Rejection.draft, schedule: str = Rejection.schedule,
-                     fold: str = "none") -> Rejection | None:
+                     fold: str = "none", loop: str = Rejection.loop) -> Rejection | None:
     return None if topk is None else Rejection(topk=topk, minp=minp, recovery=recovery, draft=draft,
-                                               schedule=schedule, fold=fold)
+                                               schedule=schedule, fold=fold, loop=loop)
 
 
 def fold_for(specs: Sequence[str]) -> str:

@@ -79,6 +79,8 @@ _ggml_base.ggml_get_name.restype = ctypes.c_char_p
 _ggml_base.ggml_get_name.argtypes = [ctypes.c_void_p]
 _ggml_base.ggml_backend_tensor_get.restype = None
 _ggml_base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_ggml_base.ggml_backend_tensor_set.restype = None
+_ggml_base.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 _GGML_TYPE_F32 = 0
 
 
@@ -115,6 +117,55 @@ class Capture:
             return True  # False would abort the graph
 
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
+
+
+class RowSteer:
+    """Steers chosen rows of a batch: adds `directions[il]` to the residual stream `l_out-<il>`
+    of those rows, for each active layer il, where llama.cpp's control vector adds it to every
+    row. The eval callback receives each `l_out-<il>` before the next layer reads it, and writes
+    it back. One context can then hold a steered and a plain sequence and evaluate a token of
+    each in one decode (`steer.Rejection.loop` "joint").
+
+    `rows`: the batch rows to steer, None for all of them (a steered prompt), empty for none.
+    The last layer's tensor holds only the rows whose logits were asked for (in output order).
+    """
+
+    def __init__(self):
+        self.rows: list[int] | None = []
+        self.layers: dict = {}  # the Capture interface: Context.decode resets it
+        self._directions = np.zeros((0, 0), dtype=np.float32)
+        self._wanted: dict[bytes, int] = {}
+
+        def callback(tensor: int, ask: bool, user_data: int) -> bool:
+            il = self._wanted.get(_ggml_base.ggml_get_name(tensor))
+            if ask:
+                return il is not None and self.rows != []
+            if il is not None:
+                head = _TensorHead.from_address(tensor)
+                n_embd, n_rows = int(head.ne[0]), int(head.ne[1])
+                if self.rows is None:
+                    out = np.empty((n_rows, n_embd), dtype=np.float32)
+                    _ggml_base.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+                    out += self._directions[il]
+                    _ggml_base.ggml_backend_tensor_set(tensor, out.ctypes.data, 0, out.nbytes)
+                else:
+                    row = np.empty(n_embd, dtype=np.float32)
+                    for r in self.rows:
+                        if r < n_rows:
+                            _ggml_base.ggml_backend_tensor_get(tensor, row.ctypes.data, r * row.nbytes, row.nbytes)
+                            row += self._directions[il]
+                            _ggml_base.ggml_backend_tensor_set(tensor, row.ctypes.data, r * row.nbytes, row.nbytes)
+            return True
+
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
+
+    def set(self, directions: np.ndarray | None, layers: Sequence[int] = ()) -> None:
+        """Steer with `directions` `(n_layer, n_embd)` on `layers` (None or no layers: off)."""
+        if directions is None or not layers:
+            self._wanted = {}
+            return
+        self._directions = np.ascontiguousarray(directions, dtype=np.float32)
+        self._wanted = {f"l_out-{il}".encode(): il for il in layers if il >= 1}
 
 
 # --- model and contexts ----------------------------------------------------------------------
@@ -162,6 +213,7 @@ class Model:
             raise ModelError(f"llama.cpp could not load {path} (run with --verbose for its log)")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.path = path
+        self.offloaded = n_gpu_layers > 0 and supports_gpu_offload()  # layers run on a GPU (CUDA, Metal)
         self.info = ModelInfo(
             path=str(path),
             name=self.metadata("general.name") or path.stem,
@@ -277,7 +329,7 @@ class Model:
         raise ModelError("chat template output did not fit its buffer")
 
     def context(self, n_ctx: int = 4096, n_batch: int = 512, n_seq_max: int = 1,
-                n_threads: int | None = None, capture: Capture | None = None) -> "Context":
+                n_threads: int | None = None, capture: Capture | RowSteer | None = None) -> "Context":
         return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max,
                        n_threads=n_threads, capture=capture)
 
@@ -329,7 +381,7 @@ class Context:
     """One llama.cpp context (its own KV cache and control vector) over a shared `Model`."""
 
     def __init__(self, model: Model, n_ctx: int, n_batch: int, n_seq_max: int,
-                 n_threads: int | None, capture: Capture | None):
+                 n_threads: int | None, capture: Capture | RowSteer | None):
         self.model = model
         self.capture = capture
         params = llama_cpp.llama_context_default_params()

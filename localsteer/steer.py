@@ -6,9 +6,12 @@ checked against the plain distribution; an implausible choice (outside the plain
 below `minp` x the plain maximum) is rejected, steering is weakened by dropping layers, least
 important first, and the token is evaluated again. With no layers left, the plain choice stands.
 
-The fast path drafts a run of tokens on the steered context, checks the whole run with one
-batched decode on the plain context, and rolls both caches back at the first rejection; it makes
-exactly the choices of the token-by-token loop (`fast=False`).
+Two fast paths (`Rejection.loop`). "joint", the default on a CPU: one context holds both
+sequences, the vector is added to the steered row only (`runtime.RowSteer`), and each token is
+one decode of two rows, the steered token and the plain one. "drafted", the default on a GPU:
+the steered context drafts a run of tokens, the plain one checks the whole run with one batched
+decode, and both caches roll back at the first rejection; it makes exactly the choices of the
+token-by-token loop (`fast=False`).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .runtime import Context, Lora, Model
+from .runtime import Context, Lora, Model, RowSteer
 from .sampling import Sampling, softmax
 from .vector import ControlVector, format_layers
 
 RECOVERY = ("reset", "hold", "gradual")
 SCHEDULES = ("halve", "one")
 FOLDS = ("none", "case", "recase")
+LOOPS = ("auto", "drafted", "joint")
 
 _fold_cache: "weakref.WeakKeyDictionary[Model, tuple[list[str], np.ndarray]]" = weakref.WeakKeyDictionary()
 _fold_starts: "weakref.WeakKeyDictionary[Model, dict[int, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
@@ -118,7 +122,8 @@ class Rejection:
     recovery: after a weakened token, "reset" restores all layers for the next token, "hold"
       keeps the weakened set for the rest of the reply, "gradual" restores one layer per
       accepted token.
-    draft: how many steered tokens to draft before one batched plain check (1: no drafting).
+    draft: with loop "drafted", how many steered tokens to draft before one batched plain check
+      (1: no drafting).
       Up to 3, the drafted loop's output is identical to the token-by-token loop's on llama.cpp's
       CPU backend (see `_Run._plain_append`); longer drafts are faster where batching is cheap
       (GPUs) but may differ at rare near-ties, since llama.cpp's batched kernels round differently.
@@ -146,6 +151,16 @@ class Rejection:
       the first come as events with no plain probabilities). Each token's
       plain logits are needed before the next token can be fed, so "recase" decodes token by
       token (no drafting). "none" (default) compares tokens.
+    loop: how the steered and the plain distributions are computed. "drafted": two contexts, the
+      steered one with llama.cpp's control vector, drafts checked in batches on the plain one
+      (`draft`); its choices are bit-identical to the token-by-token loop's. "joint": one context
+      holding both sequences; each token is one decode of two rows (the steered token and the
+      plain one), the vector added to the steered row by the eval callback (`RowSteer`). On a CPU
+      a batch of two costs far less than two decodes, so "joint" is faster there
+      (scripts/bench_rejection.py); on a GPU the callback's copies to and from the device cost
+      more than drafting saves. A row's logits may differ from a lone decode's in the last bits,
+      so at a near-tie the two loops may choose differently (the tests find the same choices).
+      "auto" (default): "joint" when the model runs on the CPU, "drafted" when it is offloaded.
     """
 
     topk: int = 20
@@ -154,6 +169,7 @@ class Rejection:
     draft: int = 3
     schedule: str = "halve"
     fold: str = "none"
+    loop: str = "auto"
 
     def __post_init__(self):
         if self.topk < 1:
@@ -166,6 +182,8 @@ class Rejection:
             raise ValueError(f"recovery must be one of {RECOVERY}")
         if self.fold not in FOLDS:
             raise ValueError(f"fold must be one of {FOLDS}")
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {LOOPS}")
 
 
 @dataclass
@@ -213,6 +231,9 @@ class Steerer:
         self.top_n_events = top_n_events
         self._steered: Context | None = None
         self._plain: Context | None = None
+        self._joint: Context | None = None  # both sequences in one context (Rejection.loop "joint")
+        self._rows = RowSteer()
+        self._joint_run = False  # the reply in progress uses `_joint`
         self.configure(vector, layers, rejection, importance)
 
     def configure(self, vector: ControlVector | None = None, layers: Sequence[int] | None = None,
@@ -238,12 +259,24 @@ class Steerer:
     def set_adapters(self, adapters: Sequence[tuple[Lora, float]]) -> None:
         """Change the LoRA adapters (an empty list: none) from the next reply on, on both sides."""
         self.adapters = list(adapters)
-        for ctx in (self._steered, self._plain):
+        for ctx in (self._steered, self._plain, self._joint):
             if ctx is not None:
                 ctx.set_loras(self.adapters)
 
+    def joint_loop(self) -> bool:
+        """Whether rejection runs both sides in one context (`Rejection.loop`)."""
+        loop = self.rejection.loop if self.rejection is not None else "drafted"
+        return loop == "joint" or (loop == "auto" and not self.model.offloaded)
+
     # contexts are made on first use and reused across replies
     def _contexts(self) -> tuple[Context, Context | None]:
+        if self.rejection is not None and self.joint_loop():
+            if self._joint is None:
+                self._joint = self.model.context(n_ctx=2 * self.n_ctx, n_seq_max=2, n_threads=self.n_threads,
+                                                 capture=self._rows)
+                if self.adapters:
+                    self._joint.set_loras(self.adapters)
+            return self._joint, self._joint
         if self._steered is None:
             self._steered = self.model.context(n_ctx=self.n_ctx, n_threads=self.n_threads)
             if self.adapters:
@@ -257,6 +290,11 @@ class Steerer:
     def _apply(self, active: tuple[int, ...]) -> None:
         if active == self._applied and not self._dirty:
             return
+        if self._joint_run:
+            self._rows.set(None if self.vector is None else self.vector.directions, active)
+            self._applied = active
+            self._dirty = False
+            return
         ctx = self._steered
         if self.vector is None or not active:
             ctx.set_control(None)
@@ -266,10 +304,10 @@ class Steerer:
         self._dirty = False
 
     def close(self) -> None:
-        for ctx in (self._steered, self._plain):
+        for ctx in (self._steered, self._plain, self._joint):
             if ctx is not None:
                 ctx.close()
-        self._steered = self._plain = None
+        self._steered = self._plain = self._joint = None
 
     # --- generation ---------------------------------------------------------------------------
 
@@ -281,10 +319,21 @@ class Steerer:
         sampling = sampling.resolved()
         steered, plain = self._contexts()
         steered.clear()
+        self._joint_run = steered is plain
         self._dirty = True
         self._reconfigured = False
         state = _Weakening(self)
         self._apply(state.active)
+        if self._joint_run:
+            # sequence 0 is the steered reply (every prompt row steered), sequence 1 the plain one
+            self._rows.rows = None
+            steered.decode_sequence(prompt, 0, seq_id=0)
+            s_logits = steered.logits()
+            self._rows.rows = []
+            steered.decode_sequence(prompt, 0, seq_id=1)
+            run = _Run(self, list(prompt), sampling, max_tokens, steered, plain)
+            yield from run.checked(s_logits, steered.logits(), state)
+            return
         steered.decode_sequence(prompt, 0)
         s_logits = steered.logits()
         p_logits = None
@@ -296,7 +345,7 @@ class Steerer:
             tail = list(prompt[head:])
             plain.decode(tail, range(head, len(prompt)), [0] * len(tail), [False] * (len(tail) - 1) + [True])
             p_logits = plain.logits()
-        run = _Run(self, list(prompt), sampling, max_tokens)
+        run = _Run(self, list(prompt), sampling, max_tokens, steered, plain)
         if plain is None:
             yield from run.unchecked(s_logits, state)
         elif fast and self.rejection.draft > 1 and self.rejection.fold != "recase":
@@ -336,8 +385,13 @@ class _Weakening:
 class _Run:
     """One reply in progress: the token history, the events, and the three decoding loops."""
 
-    def __init__(self, steerer: Steerer, history: list[int], sampling: Sampling, max_tokens: int):
+    def __init__(self, steerer: Steerer, history: list[int], sampling: Sampling, max_tokens: int,
+                 steered: Context | None = None, plain: Context | None = None):
         self.s = steerer
+        self.steered = steered
+        self.plain = plain
+        # Rejection.loop "joint": one context, the steered reply as sequence 0, the plain one as 1
+        self.joint = steered is not None and steered is plain
         self.model = steerer.model
         self.history = history
         self.plain_history = list(history)  # what the plain context has read (see Rejection.fold)
@@ -458,7 +512,7 @@ class _Run:
 
     def unchecked(self, s_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """Plain steering: no plain model, no rejection."""
-        steered = self.s._steered
+        steered = self.steered
         while True:
             state = self._refresh(state)
             self.s._apply(state.active)
@@ -478,7 +532,6 @@ class _Run:
         Returns the tokens written (several only with "recase", for a word written in pieces),
         the token the plain context reads, the status, the rejection rounds and the last
         steered logits."""
-        steered = self.s._steered
         step = self.step
         full = s_logits
         tok = self.sampling.choose(s_logits, step, 0)
@@ -490,11 +543,8 @@ class _Run:
             if not state.active:
                 break
             # re-evaluate the last position with the weaker steering
-            pos = len(self.history) - 1
-            steered.remove(0, pos, -1)
             self.s._apply(state.active)
-            steered.decode([self.history[-1]], [pos], [0], [True])
-            s_logits = steered.logits()
+            s_logits = self._steered_next(self.history[-1], len(self.history) - 1, redo=True)
             tok = self.sampling.choose(s_logits, step, rounds)
             ok, word = self._judge(tok, p_logits)
         if not state.active:
@@ -521,13 +571,11 @@ class _Run:
         Returns the next (steered, plain) logits, or None when the reply is over."""
         self.s._apply(state.active)
         written, read, status, rounds, s_logits = self._resolve(s_logits, p_logits, state)
-        steered = self.s._steered
         for i, tok in enumerate(written):
             if i:  # the next piece of a word spelled in several: the steered side reads the last
                 state.after_token()
                 self.s._apply(state.active)
-                steered.decode([self.history[-1]], [len(self.history) - 1], [0], [True])
-                s_logits = steered.logits()
+                s_logits = self._steered_next(self.history[-1], len(self.history) - 1)
             ev = self._event(tok, status, 0 if i else rounds, state.active, s_logits, None if i else p_logits)
             self.history.append(tok)
             yield ev
@@ -537,8 +585,24 @@ class _Run:
         self.plain_history.append(read)
         state.after_token()
         self.s._apply(state.active)
-        steered.decode([written[-1]], [len(self.history) - 1], [0], [True])
-        return steered.logits(), self._plain_append([read], len(self.plain_history) - 1)[0]
+        if self.joint:  # one decode: the steered token as row 0 (steered), the plain one as row 1
+            self.s._rows.rows = [0]
+            self.steered.decode([written[-1], read], [len(self.history) - 1, len(self.plain_history) - 1],
+                                [0, 1], [True, True])
+            return self.steered.logits(0), self.steered.logits(1)
+        s_logits = self._steered_next(written[-1], len(self.history) - 1)
+        return s_logits, self._plain_append([read], len(self.plain_history) - 1)[0]
+
+    def _steered_next(self, tok: int, pos: int, redo: bool = False) -> np.ndarray:
+        """Feed `tok` at `pos` to the steered sequence alone (`redo`: in place of what is cached
+        there, after a weakening); the steered logits after it."""
+        ctx = self.steered
+        if redo:
+            ctx.remove(0, pos, -1)
+        if self.joint:
+            self.s._rows.rows = [0]
+        ctx.decode([tok], [pos], [0], [True])
+        return ctx.logits()
 
     def checked(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """The token-by-token rejection loop (the reference for the drafted one)."""
@@ -559,7 +623,7 @@ class _Run:
         with its predecessor, whose cache entry comes out the same. That keeps the drafted
         loop's choices bit-identical to the token-by-token one.
         """
-        plain = self.s._plain
+        plain = self.plain
         if len(toks) == 1:
             plain.remove(0, start - 1, -1)
             plain.decode([self.plain_history[start - 1], toks[0]], [start - 1, start], [0, 0], [False, True])
@@ -569,7 +633,7 @@ class _Run:
 
     def drafted(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
         """Draft up to `draft` steered tokens, verify them with one batched plain decode."""
-        steered, plain = self.s._steered, self.s._plain
+        steered, plain = self.steered, self.plain
         while True:
             n_draft = self.rejection.draft
             # 1. draft on the steered context, as if every token will be accepted

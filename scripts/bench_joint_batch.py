@@ -1,12 +1,13 @@
-"""What would rejection cost if the steered and the plain token were one batch?
+"""The bare decode costs behind dynamic rejection's two loops.
 
-Dynamic rejection needs, per token, the steered and the plain next-token distributions. Today
-they come from two contexts: the steered one decodes one token at a time (llama.cpp's control
-vector applies to every row of a batch), the plain one verifies drafts in batches. This script
-measures the alternative: one context holding both sequences, each step one decode of two rows
-(the steered sequence's token and the plain sequence's token), the vector added to the steered
-row only, from the eval callback (`l_out-<il>` tensors are written back before the next layer
-reads them). Prints ms per token for, on the same model, prompt and thread count:
+Rejection needs, per token, the steered and the plain next-token distributions. llama.cpp's
+control vector applies to every row of a batch, so the "drafted" loop keeps two contexts: the
+steered one decodes one token at a time, the plain one checks drafts in batches. The "joint"
+loop (the default on a CPU) holds both sequences in one context and decodes two rows per token,
+the vector added to the steered row only by the eval callback (`l_out-<il>` tensors are written
+back before the next layer reads them; `runtime.RowSteer`). This script measures the raw
+decodes of each, without the rejection logic, in ms per token on the same model, prompt and
+thread count:
 
   plain       one row per decode, no vector (the reference)
   steered     one row per decode, llama.cpp's control vector
@@ -23,49 +24,16 @@ and whether the joint loop's steered row chooses the same greedy tokens as `stee
 from __future__ import annotations
 
 import argparse
-import ctypes
 import time
 
 import localsteer  # noqa: F401  (loads llama.cpp before numpy; see localsteer/__init__.py)
-import llama_cpp
 import numpy as np
 
 from localsteer.models import resolve as resolve_model
-from localsteer.runtime import Model, _ggml_base, _TensorHead
+from localsteer.runtime import Model, RowSteer
 from localsteer.sampling import Sampling
 from localsteer.steer import Rejection, Steerer
 from localsteer.vector import ControlVector
-
-_ggml_base.ggml_backend_tensor_set.restype = None
-_ggml_base.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-
-
-class RowSteer:
-    """An eval callback adding `directions[il]` to chosen batch rows of `l_out-<il>`."""
-
-    def __init__(self, directions: np.ndarray, layers):
-        self.directions = np.ascontiguousarray(directions, dtype=np.float32)
-        self.wanted = {f"l_out-{il}".encode(): il for il in layers}
-        self.rows: list[int] = []
-        self.layers: dict = {}  # Context.decode resets it (the Capture interface)
-        n_embd = self.directions.shape[1]
-        buf = np.empty(n_embd, dtype=np.float32)
-
-        def callback(tensor: int, ask: bool, user_data: int) -> bool:
-            il = self.wanted.get(_ggml_base.ggml_get_name(tensor))
-            if ask:
-                return il is not None and bool(self.rows)
-            if il is not None:
-                head = _TensorHead.from_address(tensor)
-                row_bytes = int(head.ne[0]) * 4
-                for r in self.rows:
-                    _ggml_base.ggml_backend_tensor_get(tensor, buf.ctypes.data, r * row_bytes, row_bytes)
-                    np.add(buf, self.directions[il], out=buf)
-                    _ggml_base.ggml_backend_tensor_set(tensor, buf.ctypes.data, r * row_bytes, row_bytes)
-            return True
-
-        self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -114,9 +82,10 @@ def main() -> None:
         ctx.close()
 
     def joint() -> tuple[list[int], float]:
-        steer = RowSteer(vector.directions, layers)
+        steer = RowSteer()
+        steer.set(vector.directions, layers)
         ctx = model.context(n_ctx=1024, n_seq_max=2, n_threads=args.threads, capture=steer)
-        steer.rows = list(range(len(prompt)))
+        steer.rows = None  # every prompt row
         ctx.decode_sequence(prompt, 0)
         first = ctx.logits()
         steer.rows = []
@@ -157,7 +126,7 @@ def main() -> None:
 
     def drafted() -> list[int]:
         """localsteer's own rejection loop (two contexts, drafts of 3 verified in one batch)."""
-        rejection = Rejection(topk=20, fold=str(vector.meta.get("reject_fold", "none")))
+        rejection = Rejection(topk=20, fold=str(vector.meta.get("reject_fold", "none")), loop="drafted")
         st = Steerer(model, vector, layers, rejection, details=False, n_ctx=1024, n_threads=args.threads)
         greedy = Sampling(temperature=0)
         list(st.generate(prompt, max_tokens=1, sampling=greedy))  # makes the contexts

@@ -3,14 +3,17 @@
   llama-cpp  plain greedy decoding through llama-cpp-python's own `Llama` (outside reference)
   plain      localsteer, no vector
   steered    the vector, no rejection
-  naive      rejection, token by token (one steered + one plain evaluation per token)
-  fast       rejection with drafting: steered drafts checked by one batched plain decode
+  naive      rejection, token by token on two contexts (one steered + one plain evaluation per token)
+  drafted    rejection with drafting: steered drafts checked by one batched plain decode
+  joint      rejection in one context: each token one decode of two rows, steered and plain
+             (the default on a CPU, `Rejection.loop` "auto")
 
     .venv/bin/python scripts/bench_rejection.py [--models smollm2-135m-instruct,...] [--tokens 96]
 
 tok/s counts generated tokens over the generation time (prompt processing excluded); ratios are to
 `llama-cpp`. Also prints the cost of a batched decode relative to a single-token one, which bounds
 what drafting can gain on this machine, and the peak RSS (weights are loaded once per model).
+Also says whether the joint loop chose the same tokens as the drafted one.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{default_threads()} threads; {args.tokens} tokens greedy; reject top-k {args.topk}, draft {args.draft}; "
           f"shipped uppercase vector at scale {args.scale:g} on its suggested layers")
-    print(f"{'model':<30}{'llama-cpp':>10}{'plain':>14}{'steered':>14}{'naive':>14}{'fast':>14}"
+    print(f"{'model':<30}{'llama-cpp':>10}{'plain':>14}{'steered':>14}{'naive':>14}{'drafted':>14}{'joint':>14}"
           f"{'accepted':>10}  batch cost (k: x single)")
     for name in args.models.split(","):
         path = models.resolve(name)
@@ -90,15 +93,18 @@ def main() -> None:
         order = importance_order(model, vec, layers, models.quick_fingerprint(path))
         prompt_text = model.apply_chat_template([{"role": "user", "content": PROMPT}])
         prompt = model.tokenize(prompt_text)
-        rej = Rejection(topk=args.topk, draft=args.draft)
+        rej = Rejection(topk=args.topk, draft=args.draft, loop="drafted")
+        joint = Rejection(topk=args.topk, loop="joint")
         runs = {
             "plain": (Steerer(model, details=False), True),
             "steered": (Steerer(model, vec, layers, details=False), True),
             "naive": (Steerer(model, vec, layers, rej, order, details=False), False),
-            "fast": (Steerer(model, vec, layers, rej, order, details=False), True),
+            "drafted": (Steerer(model, vec, layers, rej, order, details=False), True),
+            "joint": (Steerer(model, vec, layers, joint, order, details=False), True),
         }
         speeds: dict[str, list[float]] = {k: [] for k in ["llama-cpp", *runs]}
         accepted = 0.0
+        chosen: dict[str, list[int]] = {}
         for _ in range(args.repeats):
             speeds["llama-cpp"].append(llama_cpp_reference(path, prompt_text, args.tokens))
             for key, (st, fast) in runs.items():
@@ -108,12 +114,15 @@ def main() -> None:
                     evs.append(ev)
                     times.append(time.perf_counter())
                 speeds[key].append((len(times) - 1) / (times[-1] - times[0]))
-                if key == "fast":
+                if key == "drafted":
                     accepted = sum(e.status == "steered" for e in evs) / len(evs)
+                chosen[key] = [e.token for e in evs]
         med = {k: statistics.median(v) for k, v in speeds.items()}
         ref = med["llama-cpp"]
         cells = "".join(f"{med[k]:>7.1f} ({med[k] / ref:.2f})" for k in runs)
         print(f"{name:<30}{ref:>10.1f}{cells}{accepted:>10.0%}  {batch_cost(model, prompt)}")
+        same = sum(a == b for a, b in zip(chosen["joint"], chosen["drafted"]))
+        print(f"{'':<30}joint chose the drafted loop's token {same}/{len(chosen['drafted'])} times")
         for st, _ in runs.values():
             st.close()
         model.close()

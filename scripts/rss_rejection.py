@@ -1,4 +1,5 @@
-"""Peak memory of plain decoding vs dynamic rejection (two contexts over one set of weights).
+"""Peak memory of plain decoding vs dynamic rejection: the joint loop (one context holding both
+sequences) and the drafted loop (two contexts); the weights are loaded once either way.
 
     .venv/bin/python scripts/rss_rejection.py [--model qwen2.5-coder-0.5b-instruct]
 
@@ -21,7 +22,7 @@ def child(model_name: str, mode: str) -> None:
     from localsteer import api
     model = api.load_model(model_name)
     steering = api.steering_from_specs(model, [f"{ROOT}/vectors/{model_name}/uppercase.gguf"])
-    rej = api.rejection_config(20) if mode == "rejection" else None
+    rej = api.rejection_config(20, loop=mode) if mode in ("joint", "drafted") else None
     api.generate(model, "Write a story about a storm.", steering if mode != "plain" else api.Steering(None, ()),
                  sampling=api.sampling_config(temperature=0), max_tokens=64, rejection=rej)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -36,12 +37,12 @@ def main() -> None:
         child(args.model, args.child)
         return
     rss = {}
-    for mode in ("plain", "steered", "rejection"):
+    for mode in ("plain", "steered", "joint", "drafted"):
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", mode],
                              capture_output=True, text=True, check=True).stdout
         rss[mode] = float(out.strip().splitlines()[-1])
     print(f"model {args.model}: peak RSS " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items())
-          + f"; rejection / plain = {rss['rejection'] / rss['plain']:.2f}")
+          + f"; rejection / plain: joint {rss['joint'] / rss['plain']:.2f}, drafted {rss['drafted'] / rss['plain']:.2f}")
 
 
 if __name__ == "__main__":

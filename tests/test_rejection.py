@@ -32,12 +32,20 @@ def events(model, steerer, prompt, n=32, sampling=GREEDY, fast=True):
     return list(steerer.generate(api.chat_prompt(model, prompt), n, sampling, fast=fast))
 
 
+# two contexts with drafts checked in batches; one context, two rows a decode. The joint loop's
+# rows share batches, which only batch-invariant kernels (the CPU's, on SmolLM2) keep bit-exact.
+ON_GPU = supports_gpu_offload()
+NOT_BATCH_INVARIANT = "llama.cpp's GPU kernels are not batch invariant (README, 'On a GPU')"
+LOOPS = ["drafted", pytest.param("joint", marks=pytest.mark.skipif(ON_GPU, reason=NOT_BATCH_INVARIANT))]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_topk_of_whole_vocabulary_is_pure_steering(smol, vector, sampling):
+def test_topk_of_whole_vocabulary_is_pure_steering(smol, vector, sampling, loop):
     layers = list(range(6, 20))
     v = vector.only_layers(layers) * 5.0
     pure = Steerer(smol, v, layers)
-    rej = Steerer(smol, v, layers, Rejection(topk=smol.n_vocab), importance=layers)
+    rej = Steerer(smol, v, layers, Rejection(topk=smol.n_vocab, loop=loop), importance=layers)
     for p in PROMPTS:
         assert tokens(smol, rej, p, sampling=sampling) == tokens(smol, pure, p, sampling=sampling)
         assert all(e.status == "steered" for e in events(smol, rej, p, sampling=sampling))
@@ -45,12 +53,13 @@ def test_topk_of_whole_vocabulary_is_pure_steering(smol, vector, sampling):
 
 @pytest.mark.skipif(supports_gpu_offload(), reason="llama.cpp's GPU kernels are not batch invariant: "
                     "rejection's plain side decodes pairs, plain decoding single tokens (README, 'On a GPU')")
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_steering_rejected_everywhere_is_plain_decoding(smol, vector, sampling):
+def test_steering_rejected_everywhere_is_plain_decoding(smol, vector, sampling, loop):
     layers = list(range(4, 26))
     v = vector.only_layers(layers) * 600.0  # gibberish when applied as is
     plain = Steerer(smol)
-    rej = Steerer(smol, v, layers, Rejection(topk=1, recovery="hold"), importance=layers)
+    rej = Steerer(smol, v, layers, Rejection(topk=1, recovery="hold", loop=loop), importance=layers)
     for p in PROMPTS:
         evs = events(smol, rej, p, sampling=sampling)
         assert [e.token for e in evs] == tokens(smol, plain, p, sampling=sampling)
@@ -64,7 +73,7 @@ def test_steering_rejected_everywhere_is_plain_decoding(smol, vector, sampling):
 def test_drafted_output_equals_token_by_token(smol, vector, sampling, recovery):
     layers = list(range(6, 20))
     v = vector.only_layers(layers) * 8.0
-    st = Steerer(smol, v, layers, Rejection(topk=8, recovery=recovery), importance=layers)
+    st = Steerer(smol, v, layers, Rejection(topk=8, recovery=recovery, loop="drafted"), importance=layers)
     rejected = 0
     for p in PROMPTS:
         slow = events(smol, st, p, n=48, sampling=sampling, fast=False)
@@ -73,6 +82,27 @@ def test_drafted_output_equals_token_by_token(smol, vector, sampling, recovery):
         assert [(e.status, e.rounds, e.layers) for e in fast] == [(e.status, e.rounds, e.layers) for e in slow]
         rejected += sum(e.rounds > 0 for e in slow)
     assert rejected > 0  # the comparison exercised rollbacks
+
+
+@pytest.mark.skipif(ON_GPU, reason=NOT_BATCH_INVARIANT)
+@pytest.mark.parametrize("recovery", ["reset", "hold", "gradual"])
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_joint_loop_makes_the_token_by_token_choices(smol, vector, sampling, recovery):
+    """Both sequences in one context, the vector added to the steered row by the eval callback:
+    the same tokens, statuses, rounds and layers as the two-context token-by-token loop."""
+    layers = list(range(6, 20))
+    v = vector.only_layers(layers) * 8.0
+    two = Steerer(smol, v, layers, Rejection(topk=8, recovery=recovery, loop="drafted"), importance=layers)
+    one = Steerer(smol, v, layers, Rejection(topk=8, recovery=recovery, loop="joint"), importance=layers)
+    rejected = 0
+    for p in PROMPTS:
+        slow = events(smol, two, p, n=48, sampling=sampling, fast=False)
+        joint = events(smol, one, p, n=48, sampling=sampling)
+        assert [(e.token, e.status, e.rounds, e.layers) for e in joint] == [
+            (e.token, e.status, e.rounds, e.layers) for e in slow]
+        assert [e.plain_prob for e in joint] == pytest.approx([e.plain_prob for e in slow], abs=1e-5)
+        rejected += sum(e.rounds > 0 for e in slow)
+    assert rejected > 0  # weakened re-evaluations of the steered row were exercised
 
 
 def test_events_carry_what_a_ui_needs(smol, vector):
@@ -117,7 +147,7 @@ def test_drafted_equals_token_by_token_on_qwen(qwen05, schedule):
     # Q4_K weights are repacked for llama.cpp's batched kernels: the case where batch size matters
     vec = api.load_vector(Path(__file__).parent.parent / "vectors" / "qwen2.5-coder-0.5b-instruct" / "uppercase.gguf")
     layers = list(vec.suggested_layers)
-    st = Steerer(qwen05, vec.only_layers(layers) * 2.0, layers, Rejection(topk=10, schedule=schedule),
+    st = Steerer(qwen05, vec.only_layers(layers) * 2.0, layers, Rejection(topk=10, schedule=schedule, loop="drafted"),
                  importance=layers)
     slow = events(qwen05, st, PROMPTS[0], n=40, sampling=SAMPLED, fast=False)
     fast = events(qwen05, st, PROMPTS[0], n=40, sampling=SAMPLED, fast=True)
@@ -141,13 +171,24 @@ def test_halving_schedule_drops_half_the_layers_least_important_first(smol, vect
     assert w.active == ()
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["token-by-token", "drafted"])
-def test_reconfiguring_mid_reply_takes_effect(smol, vector, fast):
+@pytest.mark.parametrize("fast,loop", [(False, "drafted"), (True, "drafted"), (True, "joint")],
+                         ids=["token-by-token", "drafted", "joint"])
+def test_reconfiguring_mid_reply_takes_effect(smol, vector, fast, loop):
     layers = list(range(6, 20))
-    st = Steerer(smol, vector.only_layers(layers) * 2.0, layers, Rejection(topk=smol.n_vocab), importance=layers)
+    rej = Rejection(topk=smol.n_vocab, loop=loop)
+    st = Steerer(smol, vector.only_layers(layers) * 2.0, layers, rej, importance=layers)
     seen = []
     for ev in st.generate(api.chat_prompt(smol, PROMPTS[0]), 24, GREEDY, fast=fast):
         seen.append(ev.layers)
         if ev.index == 5:
-            st.configure(vector.only_layers([8, 9]) * 2.0, [8, 9], Rejection(topk=smol.n_vocab), [8, 9])
+            st.configure(vector.only_layers([8, 9]) * 2.0, [8, 9], rej, [8, 9])
     assert seen[0] == tuple(layers) and seen[-1] == (8, 9)
+
+
+def test_auto_loop_is_joint_on_the_cpu(smol, vector):
+    layers = list(range(6, 20))
+    st = Steerer(smol, vector.only_layers(layers), layers, Rejection(topk=20), importance=layers)
+    assert Rejection().loop == "auto" and st.joint_loop() == (not smol.offloaded)
+    assert not Steerer(smol, vector.only_layers(layers), layers, Rejection(topk=20, loop="drafted")).joint_loop()
+    with pytest.raises(ValueError, match="loop must be one of"):
+        Rejection(loop="fast")

@@ -37,6 +37,10 @@ from .base import gpu_option, main, model_option, threads_option, verbose_option
               help="Judge plausibility up to letter case (case: for case-rewrite vectors; recase: and the plain "
                    "model reads the reply in its own casing while the vector spells the words, in pieces "
                    "where needed; auto: case when a vector in use asks for it).")
+@click.option("--reject-loop", type=click.Choice(["auto", "joint", "drafted"]), default="auto", show_default=True,
+              help="How rejection evaluates both sides: joint (one context, one two-row decode per token; "
+                   "faster on CPUs), drafted (two contexts, steered drafts checked in one batch; for GPUs); "
+                   "auto: joint on the CPU, drafted when the model is offloaded to a GPU.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA adapter (e.g. refusal-ablate.gguf), optionally scaled; repeatable.")
 @click.option("--when", "when", default=None, metavar="PROBE",
@@ -50,13 +54,13 @@ from .base import gpu_option, main, model_option, threads_option, verbose_option
 @verbose_option
 @click.argument("prompt")
 def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_p, seed, reject_topk,
-             reject_minp, recovery, reject_fold, loras, when, raw, system, as_json, events, threads, gpu_layers, verbose,
-             prompt) -> None:
+             reject_minp, recovery, reject_fold, reject_loop, loras, when, raw, system, as_json, events, threads,
+             gpu_layers, verbose, prompt) -> None:
     """Generate a reply to PROMPT, steered by control vectors."""
     lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
     steering = api.steering_from_specs(lm, vectors, layers)
     fold = api.fold_for(vectors) if reject_fold == "auto" else reject_fold
-    rejection = api.rejection_config(reject_topk, reject_minp, recovery, fold=fold)
+    rejection = api.rejection_config(reject_topk, reject_minp, recovery, fold=fold, loop=reject_loop)
     sampling = api.sampling_config(temperature, top_k, top_p, min_p, seed)
     adapters = api.load_adapters(lm, loras)
     gate = api.load_gate(lm, when) if when else None
