@@ -142,19 +142,11 @@ class RowSteer:
                 return il is not None and self.rows != []
             if il is not None:
                 head = _TensorHead.from_address(tensor)
-                n_embd, n_rows = int(head.ne[0]), int(head.ne[1])
-                if self.rows is None:
-                    out = np.empty((n_rows, n_embd), dtype=np.float32)
-                    _ggml_base.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
-                    out += self._directions[il]
-                    _ggml_base.ggml_backend_tensor_set(tensor, out.ctypes.data, 0, out.nbytes)
-                else:
-                    row = np.empty(n_embd, dtype=np.float32)
-                    for r in self.rows:
-                        if r < n_rows:
-                            _ggml_base.ggml_backend_tensor_get(tensor, row.ctypes.data, r * row.nbytes, row.nbytes)
-                            row += self._directions[il]
-                            _ggml_base.ggml_backend_tensor_set(tensor, row.ctypes.data, r * row.nbytes, row.nbytes)
+                out = np.empty((int(head.ne[1]), int(head.ne[0])), dtype=np.float32)
+                _ggml_base.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+                rows = slice(None) if self.rows is None else [r for r in self.rows if r < len(out)]
+                out[rows] += self._directions[il]
+                _ggml_base.ggml_backend_tensor_set(tensor, out.ctypes.data, 0, out.nbytes)
             return True
 
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)

@@ -331,8 +331,10 @@ class Steerer:
             s_logits = steered.logits()
             self._rows.rows = []
             steered.decode_sequence(prompt, 0, seq_id=1)
+            p_logits = steered.logits()
+            self._rows.rows = [0]  # from here on every decode's first row is the steered token
             run = _Run(self, list(prompt), sampling, max_tokens, steered, plain)
-            yield from run.checked(s_logits, steered.logits(), state)
+            yield from run.checked(s_logits, p_logits, state)
             return
         steered.decode_sequence(prompt, 0)
         s_logits = steered.logits()
@@ -586,7 +588,6 @@ class _Run:
         state.after_token()
         self.s._apply(state.active)
         if self.joint:  # one decode: the steered token as row 0 (steered), the plain one as row 1
-            self.s._rows.rows = [0]
             self.steered.decode([written[-1], read], [len(self.history) - 1, len(self.plain_history) - 1],
                                 [0, 1], [True, True])
             return self.steered.logits(0), self.steered.logits(1)
@@ -599,8 +600,6 @@ class _Run:
         ctx = self.steered
         if redo:
             ctx.remove(0, pos, -1)
-        if self.joint:
-            self.s._rows.rows = [0]
         ctx.decode([tok], [pos], [0], [True])
         return ctx.logits()
 
