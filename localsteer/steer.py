@@ -125,8 +125,11 @@ class Rejection:
     draft: with loop "drafted", how many steered tokens to draft before one batched plain check
       (1: no drafting).
       Up to 3, the drafted loop's output is identical to the token-by-token loop's on llama.cpp's
-      CPU backend (see `_Run._plain_append`); longer drafts are faster where batching is cheap
-      (GPUs) but may differ at rare near-ties, since llama.cpp's batched kernels round differently.
+      CPU backend (see `_Run._plain_append`). Longer drafts are checked in batches of 4 or more,
+      which llama.cpp computes with other kernels for repacked weights (on Qwen's Q4_K their
+      logits differ from one-token decodes' by up to 0.4, scripts/bench_rejection.py), so their
+      choices can differ; they are faster where batching is cheap (GPUs), and on 2 CPU cores at
+      full acceptance (16: 0.83 of plain on the 0.5B model, against the joint loop's 0.77).
     schedule: how steering is weakened at each rejection round: "halve" drops half of the active
       layers (at least one), least important first; "one" drops a single layer per round.
     fold: "case" judges plausibility up to letter case: the plain probabilities of tokens that

@@ -10,10 +10,16 @@
 
     .venv/bin/python scripts/bench_rejection.py [--models smollm2-135m-instruct,...] [--tokens 96]
 
-tok/s counts generated tokens over the generation time (prompt processing excluded); ratios are to
-`llama-cpp`. Also prints the cost of a batched decode relative to a single-token one, which bounds
+tok/s is (n - 1) / (T(n) - T(1)), where T(k) is the wall time from the call to the k-th token:
+prompt processing and the first token (read off the prompt's logits) cancel out, for every loop
+alike. (Timing from the first token instead would flatter drafting, whose first token arrives
+only once its whole first draft is checked.) Ratios are to `llama-cpp`. Also prints the cost of a batched decode relative to a single-token one, which bounds
 what drafting can gain on this machine, and the peak RSS (weights are loaded once per model).
-Also says whether the joint loop chose the same tokens as the drafted one.
+Also says whether the joint loop chose the same tokens as the drafted one, and the loops' speed
+over localsteer's plain decoding of the same loaded model: a model's speed also depends on where
+its repacked weights land in memory (here three loads of the 1.5B model in one process ran at
+71, 64 and 71 ms per token), which moves the ratios to `llama-cpp`, loaded on its own, by up to
+about 10% from run to run; the same-load ratio does not move so.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,39 +45,63 @@ PROMPT = "Write a long story about a lighthouse keeper and a storm."
 MODELS = "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct"
 
 
-def timed(events) -> tuple[float, int]:
-    times = [time.perf_counter() for _ in events]
-    return (len(times) - 1) / (times[-1] - times[0]), len(times)
+def wall(events) -> tuple[float, list]:
+    """Seconds from the call to the last item of `events`, and the items."""
+    t0 = time.perf_counter()
+    items = list(events)
+    return time.perf_counter() - t0, items
+
+
+def speed(timed_run, n: int) -> tuple[float, list]:
+    """Tokens/s over tokens 2..n, and the n tokens; `timed_run(k)` gives `wall` of k tokens."""
+    timed_run(1)  # warm-up: one-time setup must not count in T(1)
+    t1, _ = timed_run(1)
+    tn, items = timed_run(n)
+    return (len(items) - 1) / (tn - t1), items
 
 
 def llama_cpp_reference(path: Path, prompt_text: str, n: int) -> float:
     from llama_cpp import Llama
-    llm = Llama(str(path), n_ctx=2048, n_threads=default_threads(), n_gpu_layers=-1, verbose=False)
-    stream = llm.create_completion(prompt_text, max_tokens=n, temperature=0.0, top_k=1, stream=True)
-    speed, _ = timed(stream)
-    llm.close()
-    return speed
+
+    def timed_run(k: int):  # a fresh Llama each time: it would reuse the prompt it has already read
+        llm = Llama(str(path), n_ctx=2048, n_threads=default_threads(), n_gpu_layers=-1, verbose=False)
+        out = wall(llm.create_completion(prompt_text, max_tokens=k, temperature=0.0, top_k=1, stream=True))
+        llm.close()
+        return out
+    return speed(timed_run, n)[0]
 
 
-def batch_cost(model, prompt: list[int]) -> str:
-    """Seconds of a batched decode of k tokens over one single-token decode."""
+def batch_cost(model, prompt: list[int]) -> tuple[str, str]:
+    """The cost of a batched decode of k tokens over one single-token decode, and how far its
+    logits are from those of k single-token decodes of the same tokens (max |difference|)."""
     ctx = model.context(n_ctx=1024)
     ctx.decode_sequence(prompt, 0)
     p = len(prompt)
+    toks = list(range(100, 116))
+
+    def run(k: int) -> np.ndarray:
+        ctx.remove(0, p, -1)
+        ctx.decode(toks[:k], range(p, p + k), [0] * k, [True] * k)
+        return ctx.logits_rows(k)
 
     def t(k: int) -> float:
         best = 1e9
-        for _ in range(3):
-            ctx.remove(0, p, -1)
+        for _ in range(5):
             t0 = time.perf_counter()
-            ctx.decode(list(range(100, 100 + k)), range(p, p + k), [0] * k, [True] * k)
+            run(k)
             best = min(best, time.perf_counter() - t0)
         return best
 
     one = t(1)
-    out = " ".join(f"{k}:{t(k) / one:.2f}" for k in (2, 5, 8))
+    cost = " ".join(f"{k}:{t(k) / one:.2f}" for k in (2, 3, 4, 8, 16))
+    ctx.remove(0, p, -1)
+    single = []
+    for i, tok in enumerate(toks[:4]):
+        ctx.decode([tok], [p + i], [0], [True])
+        single.append(ctx.logits())
+    drift = " ".join(f"{k}:{np.abs(run(k) - np.array(single[:k])).max():.1g}" for k in (2, 3, 4))
     ctx.close()
-    return out
+    return cost, drift
 
 
 def main() -> None:
@@ -84,7 +116,7 @@ def main() -> None:
     print(f"{default_threads()} threads; {args.tokens} tokens greedy; reject top-k {args.topk}, draft {args.draft}; "
           f"shipped uppercase vector at scale {args.scale:g} on its suggested layers")
     print(f"{'model':<30}{'llama-cpp':>10}{'plain':>14}{'steered':>14}{'naive':>14}{'drafted':>14}{'joint':>14}"
-          f"{'accepted':>10}  batch cost (k: x single)")
+          f"{'accepted':>10}")
     for name in args.models.split(","):
         path = models.resolve(name)
         model = api.load_model(str(path))
@@ -108,19 +140,21 @@ def main() -> None:
         for _ in range(args.repeats):
             speeds["llama-cpp"].append(llama_cpp_reference(path, prompt_text, args.tokens))
             for key, (st, fast) in runs.items():
-                evs = []
-                times = []
-                for ev in st.generate(prompt, args.tokens, api.sampling_config(temperature=0), fast=fast):
-                    evs.append(ev)
-                    times.append(time.perf_counter())
-                speeds[key].append((len(times) - 1) / (times[-1] - times[0]))
+                tok_s, evs = speed(lambda k, st=st, fast=fast: wall(st.generate(prompt, k, api.sampling_config(temperature=0),
+                                                                            fast=fast)), args.tokens)
+                speeds[key].append(tok_s)
                 if key == "drafted":
                     accepted = sum(e.status == "steered" for e in evs) / len(evs)
                 chosen[key] = [e.token for e in evs]
         med = {k: statistics.median(v) for k, v in speeds.items()}
         ref = med["llama-cpp"]
         cells = "".join(f"{med[k]:>7.1f} ({med[k] / ref:.2f})" for k in runs)
-        print(f"{name:<30}{ref:>10.1f}{cells}{accepted:>10.0%}  {batch_cost(model, prompt)}")
+        print(f"{name:<30}{ref:>10.1f}{cells}{accepted:>10.0%}")
+        cost, drift = batch_cost(model, prompt)
+        print(f"{'':<30}a decode of k tokens costs (k: x one token) {cost}")
+        print(f"{'':<30}its logits differ from k one-token decodes' by at most {drift}")
+        print(f"{'':<30}same model load: joint / plain {med['joint'] / med['plain']:.2f}, "
+              f"drafted / plain {med['drafted'] / med['plain']:.2f}")
         same = sum(a == b for a, b in zip(chosen["joint"], chosen["drafted"]))
         print(f"{'':<30}joint chose the drafted loop's token {same}/{len(chosen['drafted'])} times")
         for st, _ in runs.values():
