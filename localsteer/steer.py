@@ -161,8 +161,9 @@ class Rejection:
       plain one), the vector added to the steered row by the eval callback (`RowSteer`). On a CPU
       a batch of two costs far less than two decodes, so "joint" is faster there
       (scripts/bench_rejection.py); on a GPU drafting is close to plain speed already, and the
-      callback would copy each steered layer's output to the host and back. A row's logits may differ from a lone decode's in the last bits,
-      so at a near-tie the two loops may choose differently (the tests find the same choices).
+      callback would copy each steered layer's output to the host and back. A row's logits may
+      differ from a lone decode's in the last bits, so at a near-tie the two loops may choose
+      differently (the tests find the same choices).
       "auto" (default): "joint" when the model runs on the CPU, "drafted" when it is offloaded.
     """
 

@@ -13,13 +13,16 @@
 tok/s is (n - 1) / (T(n) - T(1)), where T(k) is the wall time from the call to the k-th token:
 prompt processing and the first token (read off the prompt's logits) cancel out, for every loop
 alike. (Timing from the first token instead would flatter drafting, whose first token arrives
-only once its whole first draft is checked.) Ratios are to `llama-cpp`. Also prints the cost of a batched decode relative to a single-token one, which bounds
-what drafting can gain on this machine, and the peak RSS (weights are loaded once per model).
-Also says whether the joint loop chose the same tokens as the drafted one, and the loops' speed
-over localsteer's plain decoding of the same loaded model: a model's speed also depends on where
-its repacked weights land in memory (here three loads of the 1.5B model in one process ran at
-71, 64 and 71 ms per token), which moves the ratios to `llama-cpp`, loaded on its own, by up to
-about 10% from run to run; the same-load ratio does not move so.
+only once its whole first draft is checked.) Ratios are to `llama-cpp`.
+
+Also prints, per model: what a decode of k tokens costs relative to one token (a second row per
+token is what every rejection loop pays; it bounds them all on this machine); how far a k-token
+batch's logits are from k one-token decodes' (why drafts stop at 3); the loops' speed over
+localsteer's plain decoding of the same loaded model; whether the joint loop chose the drafted
+loop's tokens; and the peak RSS (weights are loaded once per model). The same-load ratios are
+the steadier ones: a model's speed also depends on the load (scripts/load_variance.py: three
+loads of the 1.5B model in one process ran at 69, 63 and 61 ms per token), which moves the ratios
+to `llama-cpp`, loaded on its own, by up to about 10% from run to run.
 """
 
 from __future__ import annotations
@@ -31,15 +34,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from localsteer import api, models  # noqa: E402
+from localsteer.errors import LocalsteerError  # noqa: E402
 from localsteer.importance import importance_order  # noqa: E402
 from localsteer.runtime import default_threads  # noqa: E402
 from localsteer.steer import Rejection, Steerer  # noqa: E402
+import numpy as np  # noqa: E402  (after localsteer, which loads llama.cpp first)
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 MODELS = "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct"
@@ -165,4 +168,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LocalsteerError as e:
+        sys.exit(f"error: {e}")

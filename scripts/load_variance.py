@@ -1,10 +1,9 @@
 """How much does a model's decoding speed depend on the load? Loads the same GGUF model several
 times in one process (all kept loaded) and times single-token greedy decodes on each.
 
-On these machines the loads differ by up to 10-15% (a load's repacked weights land in different
-memory), and it does not matter whether localsteer or llama-cpp-python's `Llama` loads them: a
-speed ratio between two loads carries that noise, a ratio between two ways of decoding on one
-load does not. scripts/bench_rejection.py prints both.
+On these machines the loads differ by up to 10-15% (most likely by where their repacked weights
+land in memory): a speed ratio between two loads carries that noise, a ratio between two ways of
+decoding on one load does not. scripts/bench_rejection.py prints both.
 
     .venv/bin/python scripts/load_variance.py [--model qwen2.5-coder-1.5b-instruct] [--loads 3]
 """
@@ -21,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from localsteer import api  # noqa: E402
+from localsteer.errors import LocalsteerError  # noqa: E402
 
 
 def ms_per_token(model, prompt: list[int], n: int = 32) -> float:
@@ -48,4 +48,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LocalsteerError as e:
+        sys.exit(f"error: {e}")
