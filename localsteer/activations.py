@@ -10,9 +10,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import ContextError
 from .runtime import Capture, Model
 
 Progress = Callable[[int, int], None]
+
+
+MAX_PROMPT_TOKENS = 4096  # a prompt is one batch (rows stay in order): its attention costs n^2
+
+
+def max_prompt_tokens(model: Model) -> int:
+    """The longest prompt whose activations are read (the model's training context, at most
+    MAX_PROMPT_TOKENS)."""
+    trained = model.info.n_ctx_train
+    return min(MAX_PROMPT_TOKENS, trained) if trained > 0 else MAX_PROMPT_TOKENS
 
 
 def collect(model: Model, prompts: Sequence[Sequence[int]], layers: Sequence[int] | None = None,
@@ -27,6 +38,11 @@ def collect(model: Model, prompts: Sequence[Sequence[int]], layers: Sequence[int
     """
     layers = list(range(model.n_layer)) if layers is None else sorted(set(layers))
     longest = max(len(p) for p in prompts)
+    limit = max_prompt_tokens(model)
+    if longest > limit:
+        i = next(i for i, p in enumerate(prompts) if len(p) == longest)
+        raise ContextError(f"prompt {i + 1} of {len(prompts)} is {longest} tokens, more than the {limit} "
+                           "activations are read from")
     n_batch = max(n_batch, longest)
     out = np.zeros((len(prompts), model.n_layer, model.n_embd), dtype=np.float32)
     capture = Capture(layers)

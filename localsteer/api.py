@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +11,10 @@ from typing import Callable, Sequence
 from . import doctor as _doctor
 from . import models as _models
 from . import probe as _probe
-from .dataset import Pair
+from .dataset import Pair, same_sides
 from .dataset import load_pairs as _load_pairs
-from .errors import DatasetError, VectorError
-from .fileio import check_output
+from .errors import ContextError, DatasetError, ModelError, VectorError
+from .fileio import check_finite_tensors, check_output, write_text
 from .extract import ExtractResult
 from .extract import extract as _extract
 from .importance import importance_order
@@ -35,7 +36,7 @@ def list_models() -> list[dict]:
         path = _models.model_path(name)
         out.append({"name": name, "description": spec.description, "arch": spec.arch,
                     "n_layer": spec.n_layer, "n_embd": spec.n_embd, "path": str(path),
-                    "present": path.is_file()})
+                    "present": path.is_file(), "state": _models.state(name)})
     return out
 
 
@@ -85,14 +86,20 @@ def extract_instruction_vector(model: Model, dataset: str | os.PathLike,
 
 
 def parse_spec(spec: str) -> tuple[str, float | None]:
-    """"path.gguf:2.5" -> ("path.gguf", 2.5); a path alone has no scale."""
+    """"path.gguf:2.5" -> ("path.gguf", 2.5); a path alone has no scale. A scale that is not a
+    finite number is a `VectorError` naming it (unless the whole spec is an existing file)."""
     path, sep, scale = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, None
+    if not sep or not path or Path(spec).exists():
+        return spec, None
+    try:
+        value = float(scale)
+    except ValueError:
+        if not Path(path).exists():
+            return spec, None  # no scale was meant: the file is missing, which the loader reports
+        raise VectorError(f"bad scale {scale!r} in {spec!r}: use PATH[:SCALE] with a number") from None
+    if not math.isfinite(value):
+        raise VectorError(f"bad scale {scale!r} in {spec!r}: the scale must be a finite number")
+    return path, value
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ def steering_from_specs(model: Model, specs: Sequence[str], layers: str | None =
     """Compose `PATH[:SCALE]` vectors for `model`: each is scaled (default: its suggested scale)
     and limited to its suggested layers; `layers` then sets the active layers of the mix."""
     if not specs:
-        if layers:
+        if layers is not None:
             parse_layers(layers, model.n_layer)
         return Steering(None, ())
     parts = []
@@ -125,10 +132,13 @@ def steering_from_specs(model: Model, specs: Sequence[str], layers: str | None =
         scale = v.suggested_scale if scale is None else scale
         if layers is None and v.suggested_layers:
             v = v.only_layers(v.suggested_layers)
-        v = v * scale
-        total = v if total is None else total + v
+        try:
+            v = v * scale
+            total = v if total is None else total + v
+        except VectorError as e:
+            raise VectorError(f"{spec}: {e}") from None
         parts.append((path, scale))
-    active = parse_layers(layers, model.n_layer) if layers else total.layers
+    active = parse_layers(layers, model.n_layer) if layers is not None else total.layers
     return Steering(total.only_layers(active), tuple(active), tuple(parts))
 
 
@@ -137,10 +147,14 @@ def bake(specs: Sequence[str], scale: float = 1.0, layers: str | None = None) ->
     total = None
     for spec in specs:
         path, s = parse_spec(spec)
-        v = ControlVector.load(path) * (1.0 if s is None else s)
-        total = v if total is None else total + v
+        v = ControlVector.load(path)
+        try:
+            v = v * (1.0 if s is None else s)
+            total = v if total is None else total + v
+        except VectorError as e:
+            raise VectorError(f"{spec}: {e}") from None
     total = total * scale
-    if layers:
+    if layers is not None:
         total = total.only_layers(parse_layers(layers, total.n_layer))
     return total.with_meta(method="export", scale=1.0, layers=format_layers(total.layers))
 
@@ -149,14 +163,30 @@ def bake(specs: Sequence[str], scale: float = 1.0, layers: str | None = None) ->
 
 def sampling_config(temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                     min_p: float = 0.05, seed: int | None = None) -> Sampling:
-    return Sampling(temperature, top_k, top_p, min_p, DEFAULT_SEED if seed is None else seed)
+    """Sampling settings, checked (ValueError naming the setting); `seed` None or -1 is random,
+    as in llama.cpp."""
+    for name, value, lo, hi in (("temperature", temperature, 0.0, math.inf), ("top-p", top_p, 0.0, 1.0),
+                                ("min-p", min_p, 0.0, 1.0)):
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}], not {value}")
+    if top_k < 0:
+        raise ValueError(f"top-k must be 0 (off) or more, not {top_k}")
+    if seed is not None and not -1 <= seed <= DEFAULT_SEED:
+        raise ValueError(f"seed must be -1 (random) or in [0, {DEFAULT_SEED}], not {seed}")
+    return Sampling(temperature, top_k, top_p, min_p, DEFAULT_SEED if seed in (None, -1) else seed)
 
 
 def rejection_config(topk: int | None, minp: float = 0.0, recovery: str = "reset",
                      draft: int = Rejection.draft, schedule: str = Rejection.schedule,
                      fold: str = "none", loop: str = Rejection.loop) -> Rejection | None:
-    return None if topk is None else Rejection(topk=topk, minp=minp, recovery=recovery, draft=draft,
-                                               schedule=schedule, fold=fold, loop=loop)
+    if topk is None:
+        return None
+    if topk < 1:
+        raise ValueError(f"rejection top-k must be at least 1, not {topk}")
+    if not (math.isfinite(minp) and 0 <= minp <= 1):
+        raise ValueError(f"rejection min-p must be a finite number in [0, 1], not {minp}")
+    return Rejection(topk=topk, minp=minp, recovery=recovery, draft=draft, schedule=schedule, fold=fold,
+                     loop=loop)
 
 
 def fold_for(specs: Sequence[str]) -> str:
@@ -194,13 +224,27 @@ def chat_prompt(model: Model, prompt: str | Sequence[dict], raw: bool = False,
     return model.tokenize(model.apply_chat_template(messages))
 
 
+def check_prompt_fits(model: Model, n_prompt: int, n_ctx: int) -> None:
+    """A `ContextError` (with both counts) unless a prompt of `n_prompt` tokens leaves room for a
+    reply in a context of `n_ctx` tokens, and the context is one the model was trained for."""
+    trained = model.info.n_ctx_train
+    if trained > 0 and n_ctx > trained:
+        raise ContextError(f"a context of {n_ctx} tokens is more than {model.info.name} was trained for "
+                           f"({trained} tokens)")
+    if n_prompt >= n_ctx:
+        more = f" or raise --ctx (up to {trained})" if trained > n_ctx else ""
+        raise ContextError(f"the prompt is {n_prompt} tokens but the context holds {n_ctx}: shorten it{more}")
+
+
 def load_adapters(model: Model, specs: Sequence[str]) -> list[tuple[Lora, float]]:
     """LoRA adapters from "path.gguf[:SCALE]" specs (scale 1 when none is given), e.g. the refusal
     ablation adapter of `localsteer refusal direction`."""
     out = []
     for spec in specs:
         path, scale = parse_spec(spec)
-        out.append((Lora(model, path), 1.0 if scale is None else scale))
+        if Path(path).is_file():
+            check_finite_tensors(path, ModelError, "adapter")
+        out.append((Lora(model, path), 1.0 if scale is None else scale))  # parse_spec: finite
     return out
 
 
@@ -250,6 +294,8 @@ class RunResult:
              f"steering: {self.steering}")
         if self.extra.get("rejection"):
             s += f", full-steering acceptance {self.acceptance:.0%}"
+        if self.extra.get("context_full"):
+            s += ", stopped: the context is full (--ctx)"
         gate = self.extra.get("gate")
         if gate:
             s += (f", probe p={gate['probability']:.2f} {'>=' if gate['steer'] else '<'} "
@@ -262,13 +308,17 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
              rejection: Rejection | None = None, raw: bool = False, system: str | None = None,
              n_threads: int | None = None, stream: Callable[[str], None] | None = None,
              steerer: Steerer | None = None, adapters: Sequence[tuple[Lora, float]] = (),
-             gate: Gate | None = None) -> RunResult:
+             gate: Gate | None = None, n_ctx: int = 4096) -> RunResult:
     """Generate a reply; `stream` receives text pieces as they come. With a `gate`, the steering
     (vectors and adapters) applies only if the gate's probe fires on the prompt; otherwise the
-    reply is the plain model's."""
+    reply is the plain model's. The prompt and the reply share a context of `n_ctx` tokens (a
+    given `steerer`'s own size); a prompt that does not fit is a `ContextError` before any
+    decode, and the reply stops when the context is full (`extra["context_full"]`)."""
     import time
 
     tokens = chat_prompt(model, prompt, raw=raw, system=system)
+    n_ctx = steerer.n_ctx if steerer is not None else n_ctx
+    check_prompt_fits(model, len(tokens), n_ctx)
     steers = steering.vector is not None or bool(adapters) or bool(steerer and steerer.adapters)
     decision = gate.decide(tokens) if gate is not None and steers else None
     gated_off = decision is not None and not decision.steer
@@ -281,8 +331,7 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
         steerer.configure(None)
         steerer.set_adapters([])
     own = steerer is None
-    st = steerer or make_steerer(model, steering, rejection, n_threads=n_threads,
-                                 n_ctx=max(4096, len(tokens) + max_tokens), adapters=adapters)
+    st = steerer or make_steerer(model, steering, rejection, n_threads=n_threads, n_ctx=n_ctx, adapters=adapters)
     sampling = sampling.resolved()
     events: list[TokenEvent] = []
     t0 = time.perf_counter()
@@ -305,6 +354,8 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
              {"topk": rejection.topk, "minp": rejection.minp, "recovery": rejection.recovery}}
     if decision is not None:
         extra["gate"] = decision.as_dict()
+    if len(out) < max_tokens and not (out and model.is_eog(out[-1])) and len(tokens) + len(out) >= n_ctx:
+        extra["context_full"] = True
     return RunResult(text, out, events, dt, len(tokens), model.info.name, steering.describe(),
                      extra=extra)
 
@@ -379,5 +430,5 @@ __all__ = [
     "ControlVector", "Model", "Pair", "Rejection", "Sampling", "Steerer", "Steering", "VectorError",
     "bake", "chat_prompt", "check_output", "doctor", "extract_vector", "generate", "list_models",
     "load_model", "load_pairs", "load_vector", "make_steerer", "parse_spec", "pull_model",
-    "rejection_config", "sampling_config", "steering_from_specs",
+    "rejection_config", "same_sides", "sampling_config", "steering_from_specs", "write_text",
 ]

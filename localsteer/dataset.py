@@ -50,6 +50,14 @@ def _pair(obj: object, where: str) -> Pair:
     raise DatasetError(f"{where}: needs 'positive'/'negative' or 'prompt'/'instruction'")
 
 
+def same_sides(pair: Pair) -> bool:
+    """Whether a pair's two sides are the same text up to spacing and letter case: such a pair
+    contrasts nothing, and its difference is rounding noise."""
+    def norm(text: str) -> str:
+        return " ".join(text.split()).casefold()
+    return norm(pair.positive) == norm(pair.negative)
+
+
 SPLITS = ("train", "validation", "test")
 
 

@@ -25,6 +25,14 @@ class OutputExistsError(LocalsteerError):
     """An output file exists and overwriting was not asked for."""
 
 
+class OutputError(LocalsteerError):
+    """An output cannot be written there (not a regular file, read-only, disk full)."""
+
+
+class ContextError(LocalsteerError):
+    """A prompt does not fit the context."""
+
+
 class PullError(LocalsteerError):
     """A known model could not be fetched or failed its checksum."""
 

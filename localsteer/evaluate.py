@@ -24,13 +24,12 @@ are saved after every cell, so a rerun skips finished cells.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .fileio import temp_beside
+from .fileio import write_atomic, write_text
 from . import verify
 from .dataset import Pair, load_split_prompts
 from .measure import FLUENT_PPL, BenignKL, perplexity
@@ -138,11 +137,7 @@ class Results:
 
     def put_extra(self) -> None:
         """Write the file again (after a change to `data` outside the cells)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_beside(self.path)
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps(self.data, indent=1))
 
 
 def markdown(results: dict) -> str:
@@ -323,11 +318,7 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
 
 def report(results: Results, out_dir: Path) -> None:
     """results.md and results.png from the cells finished so far (rewritten after each type)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / "results.md"
-    tmp = Path(temp_beside(md))
-    tmp.write_text(markdown(results.data))
-    os.replace(tmp, md)
+    write_text(out_dir / "results.md", markdown(results.data))
     plot(results.data, out_dir / "results.png")
 
 
@@ -364,9 +355,8 @@ def plot(results: dict, path: Path) -> Path | None:
     fig.legend(handles, names, loc="lower center", ncol=len(CONDITIONS), fontsize=7, frameon=False)
     fig.suptitle(f"constraint accuracy (the checker passes and perplexity <= {FLUENT_PPL:g}), test split", fontsize=9)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path

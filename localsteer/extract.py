@@ -9,9 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .activations import Progress, collect
-from .dataset import Pair
-from .errors import DatasetError
+from .activations import Progress, collect, max_prompt_tokens
+from .dataset import Pair, same_sides
+from .errors import ContextError, DatasetError
 from .runtime import Model
 from .vector import ControlVector
 
@@ -41,9 +41,14 @@ def pair_activations(model: Model, pairs: Sequence[Pair], last_n: int = 1,
     if not pairs:
         raise DatasetError("no pairs to extract from")
     prompts: list[list[int]] = []
-    for pair in pairs:
+    limit = max_prompt_tokens(model)
+    for i, pair in enumerate(pairs, 1):
         pos, neg = format_pair(model, pair)
         prompts += [model.tokenize(pos), model.tokenize(neg)]
+        for side, toks in (("positive", prompts[-2]), ("negative", prompts[-1])):
+            if len(toks) > limit:
+                raise ContextError(f"pair {i}: the {side} prompt is {len(toks)} tokens, more than the "
+                                   f"{limit} activations are read from")
     acts = collect(model, prompts, layers=range(1, model.n_layer), last_n=last_n, progress=progress)
     return acts[0::2], acts[1::2]
 
@@ -87,6 +92,9 @@ def extract(model: Model, pairs: Sequence[Pair], method: str = "mean", dataset_n
     """Extract a control vector for `model` from contrastive `pairs`."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+    if pairs and all(same_sides(p) for p in pairs):
+        raise DatasetError("every pair's positive and negative texts are the same (up to spacing and case): "
+                           "there is nothing to contrast")
     t0 = time.perf_counter()
     pos, neg = pair_activations(model, pairs, progress=progress)
     layers = suggested_layers(model.n_layer)

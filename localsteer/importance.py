@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Sequence
 
 import numpy as np
 
-from .fileio import temp_beside
+from .errors import OutputError
+from .fileio import write_text
 from .models import home
 from .runtime import Model
 from .sampling import softmax
@@ -77,9 +77,8 @@ def importance_order(model: Model, vector: ControlVector, layers: Sequence[int],
             pass  # a damaged cache entry is recomputed
     kl = layer_kl(model, vector, layers)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_beside(path)
-        with open(tmp, "w") as f:
-            json.dump({"kl": kl, "prompts": PROMPTS}, f)
-        os.replace(tmp, path)
+        try:
+            write_text(path, json.dumps({"kl": kl, "prompts": PROMPTS}))
+        except OutputError:
+            pass  # a cache that cannot be written is recomputed next time
     return sorted(kl, key=lambda il: (kl[il], il))

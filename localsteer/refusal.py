@@ -30,6 +30,7 @@ import numpy as np
 from .activations import Progress, collect
 from .dataset import load_split_prompts
 from .errors import DatasetError
+from .fileio import write_text
 from .linear import inlp
 from .lora import Weights, write_adapter
 from .measure import kl_divergence
@@ -182,10 +183,7 @@ class CandidateCache:
     def put(self, name: str, **values: float) -> None:
         self.scores.setdefault(name, {}).update(values)
         if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".part")
-            tmp.write_text(json.dumps({"key": self.key, "scores": self.scores}, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            write_text(self.path, json.dumps({"key": self.key, "scores": self.scores}, indent=1, sort_keys=True))
 
 
 def prompts_digest(*prompt_lists: Sequence[str]) -> str:
@@ -406,7 +404,5 @@ def build(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, model_sha
             f"round (train / validation): " +
             ", ".join(f"{a:.0%}/{b:.0%}" for a, b in zip(res.train_accuracy, res.validation_accuracy)) +
             f". |cos(first INLP direction, DiM)| = {cos:.2f}.\n")
-    tmp_md = out / (FILES["selection"] + ".part")
-    tmp_md.write_text(text)
-    os.replace(tmp_md, out / FILES["selection"])
+    write_text(out / FILES["selection"], text)
     return sel

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -90,7 +93,91 @@ class _TensorHead(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
 
 
-class Capture:
+class _EvalCallback:
+    """Base of the eval callbacks (`Capture`, `RowSteer`): llama.cpp calls `on_tensor` for each
+    tensor `wants` names. An exception cannot cross the C frames of a decode: one raised in
+    `on_tensor` is kept in `error`, the callback returns false, which stops the graph, and
+    `Context.decode` raises it once llama_decode has returned. Signals (Ctrl-C, SIGTERM) are
+    held during such a decode (`_signals_held`), since Python would raise KeyboardInterrupt at
+    the callback's first line, outside any handler: they set `stop`, which stops the graph the
+    same way, and are delivered when llama_decode has returned."""
+
+    def __init__(self):
+        self.error: BaseException | None = None
+        self.stop = False
+        self.layers: dict[int, np.ndarray] = {}
+
+        def callback(tensor: int, ask: bool, user_data: int) -> bool:
+            try:
+                if self.stop or self.error is not None:
+                    return ask  # asked: yes, so that the call that follows can stop the graph
+                il = self.wants(_ggml_base.ggml_get_name(tensor))
+                if ask:
+                    return il is not None
+                if il is not None:
+                    self.on_tensor(tensor, il)
+                return True
+            except BaseException as e:  # noqa: BLE001 - re-raised by Context.decode
+                self.error = e
+                return ask
+
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
+
+    def wants(self, name: bytes) -> int | None:
+        """The layer index of a tensor this callback reads or writes, else None."""
+        raise NotImplementedError
+
+    def on_tensor(self, tensor: int, il: int) -> None:
+        raise NotImplementedError
+
+    def raise_pending(self) -> None:
+        """Raise the exception a callback kept during the last decode, if any."""
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _signals_held(callback: _EvalCallback) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM during a decode whose eval callback runs Python code: a signal
+    sets `callback.stop` (the graph stops at the next tensor it reads) and is raised again, to
+    the handlers that were in place, when the decode has returned. Only the main thread can
+    set handlers; signals are only handled there, too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame) -> None:
+        held.append(signum)
+        callback.stop = True
+
+    saved = {}
+    for s in _HELD_SIGNALS:
+        if signal.getsignal(s) not in (signal.SIG_IGN, None):
+            saved[s] = signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        callback.stop = False
+        for s in held:
+            signal.raise_signal(s)
+
+
+def _tensor_rows(tensor: int) -> np.ndarray:
+    """A float32 copy of a 2-D tensor `(ne[1], ne[0])` (tokens x width)."""
+    head = _TensorHead.from_address(tensor)
+    out = np.empty((int(head.ne[1]), int(head.ne[0])), dtype=np.float32)
+    _ggml_base.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+    return out
+
+
+class Capture(_EvalCallback):
     """Receives the residual stream `l_out-<il>` of chosen layers during a decode.
 
     After `Context.decode`, `layers[il]` is a float32 array `(n_rows, n_embd)`: one row per
@@ -99,27 +186,18 @@ class Capture:
     """
 
     def __init__(self, layers: Iterable[int]):
+        super().__init__()
         self.wanted = {f"l_out-{il}".encode(): il for il in layers}
-        self.layers: dict[int, np.ndarray] = {}
 
-        def callback(tensor: int, ask: bool, user_data: int) -> bool:
-            name = _ggml_base.ggml_get_name(tensor)
-            il = self.wanted.get(name)
-            if ask:
-                return il is not None
-            if il is not None:
-                head = _TensorHead.from_address(tensor)
-                if head.type == _GGML_TYPE_F32:
-                    n_embd, n_rows = int(head.ne[0]), int(head.ne[1])
-                    out = np.empty((n_rows, n_embd), dtype=np.float32)
-                    _ggml_base.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
-                    self.layers[il] = out
-            return True  # False would abort the graph
+    def wants(self, name: bytes) -> int | None:
+        return self.wanted.get(name)
 
-        self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
+    def on_tensor(self, tensor: int, il: int) -> None:
+        if _TensorHead.from_address(tensor).type == _GGML_TYPE_F32:
+            self.layers[il] = _tensor_rows(tensor)
 
 
-class RowSteer:
+class RowSteer(_EvalCallback):
     """Steers chosen rows of a batch: adds `directions[il]` to the residual stream `l_out-<il>`
     of those rows, for each active layer il, where llama.cpp's control vector adds it to every
     row. The eval callback receives each `l_out-<il>` before the next layer reads it, and writes
@@ -131,25 +209,19 @@ class RowSteer:
     """
 
     def __init__(self):
+        super().__init__()
         self.rows: list[int] | None = []
-        self.layers: dict = {}  # the Capture interface: Context.decode resets it
         self._directions = np.zeros((0, 0), dtype=np.float32)
         self._wanted: dict[bytes, int] = {}
 
-        def callback(tensor: int, ask: bool, user_data: int) -> bool:
-            il = self._wanted.get(_ggml_base.ggml_get_name(tensor))
-            if ask:
-                return il is not None and self.rows != []
-            if il is not None:
-                head = _TensorHead.from_address(tensor)
-                out = np.empty((int(head.ne[1]), int(head.ne[0])), dtype=np.float32)
-                _ggml_base.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
-                rows = slice(None) if self.rows is None else [r for r in self.rows if r < len(out)]
-                out[rows] += self._directions[il]
-                _ggml_base.ggml_backend_tensor_set(tensor, out.ctypes.data, 0, out.nbytes)
-            return True
+    def wants(self, name: bytes) -> int | None:
+        return self._wanted.get(name) if self.rows != [] else None
 
-        self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
+    def on_tensor(self, tensor: int, il: int) -> None:
+        out = _tensor_rows(tensor)
+        rows = slice(None) if self.rows is None else [r for r in self.rows if r < len(out)]
+        out[rows] += self._directions[il]
+        _ggml_base.ggml_backend_tensor_set(tensor, out.ctypes.data, 0, out.nbytes)
 
     def set(self, directions: np.ndarray | None, layers: Sequence[int] = ()) -> None:
         """Steer with `directions` `(n_layer, n_embd)` on `layers` (None or no layers: off)."""
@@ -361,6 +433,15 @@ class Lora:
         self._adapter = None
 
 
+def _finite(logits: np.ndarray) -> np.ndarray:
+    """`logits`, or a `ModelError` if any is NaN or infinite: a steering strength far too large
+    overflows the residual stream, and no token can be chosen from such logits."""
+    if not np.isfinite(logits).all():
+        raise ModelError("the model computed NaN or infinite logits: a steering strength far too large "
+                         "(or a damaged model)")
+    return logits
+
+
 def default_threads() -> int:
     """CPU threads per context: $LOCALSTEER_THREADS, else the CPU count (at most 8)."""
     env = os.environ.get("LOCALSTEER_THREADS", "")
@@ -414,9 +495,13 @@ class Context:
             b.seq_id[i][0] = seq_ids[i]
             b.logits[i] = bool(outputs[i])
         b.n_tokens = n
-        if self.capture is not None:
+        if self.capture is None:
+            rc = llama_cpp.llama_decode(self._ctx, b)
+        else:
             self.capture.layers = {}
-        rc = llama_cpp.llama_decode(self._ctx, b)
+            with _signals_held(self.capture):
+                rc = llama_cpp.llama_decode(self._ctx, b)
+            self.capture.raise_pending()
         if rc != 0:
             raise ModelError(f"llama_decode failed ({rc}): context full or batch invalid")
         self._n_outputs = sum(1 for o in outputs if o)
@@ -451,12 +536,12 @@ class Context:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
         if not ptr:
             raise ValueError(f"no logits for output {i}")
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+        return _finite(np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy())
 
     def logits_rows(self, n: int) -> np.ndarray:
         """Logits of the first `n` outputs of the last decode, `(n, n_vocab)`."""
         ptr = llama_cpp.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n, self.model.n_vocab)).copy()
+        return _finite(np.ctypeslib.as_array(ptr, shape=(n, self.model.n_vocab)).copy())
 
     def set_control(self, directions: np.ndarray | None, layer_start: int = 1,
                     layer_end: int | None = None) -> None:

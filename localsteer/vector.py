@@ -15,6 +15,7 @@ from .errors import LayerRangeError, VectorError
 
 ARCH = "controlvector"
 _KEY_PREFIX = "localsteer."
+MAX_LAYERS = 1024  # far above any model's depth; a larger layer index in a file is damage, not a model
 
 
 def parse_layers(spec: str, n_layer: int) -> tuple[int, ...]:
@@ -73,6 +74,8 @@ class ControlVector:
         d = np.array(self.directions, dtype=np.float32, copy=True)
         if d.ndim != 2 or d.shape[0] < 2:
             raise VectorError(f"directions must be (n_layer, n_embd), got shape {d.shape}")
+        if not np.isfinite(d).all():
+            raise VectorError("the vector has NaN or infinite values (a scale too large for float32?)")
         d[0] = 0.0
         d.setflags(write=False)
         object.__setattr__(self, "directions", d)
@@ -134,7 +137,11 @@ class ControlVector:
     def __mul__(self, scale: float) -> "ControlVector":
         if not isinstance(scale, (int, float, np.floating)):
             return NotImplemented
-        return replace(self, directions=self.directions * np.float32(scale))
+        if not np.isfinite(scale):
+            raise VectorError(f"scale {scale} is not a finite number")
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as a VectorError
+            directions = self.directions * np.float32(scale)
+        return replace(self, directions=directions)
 
     __rmul__ = __mul__
 
@@ -202,8 +209,12 @@ class ControlVector:
                 continue
             if not idx.isdigit() or int(idx) == 0:
                 raise VectorError(f"{path}: bad tensor name {t.name!r} (layers start at 1)")
-            data = np.asarray(t.data, dtype=np.float32).reshape(-1)
             il = int(idx)
+            if il >= MAX_LAYERS:
+                raise VectorError(f"{path}: tensor {t.name!r} names layer {il}; no model has that many")
+            data = np.asarray(t.data, dtype=np.float32).reshape(-1)
+            if not np.isfinite(data).all():
+                raise VectorError(f"{path}: {t.name} has NaN or infinite values")
             dirs[il] = dirs.get(il, 0) + data  # several tensors for one layer are summed, as in llama.cpp
         if arch != ARCH and not dirs:
             if fields.get("general.type") == "adapter":
@@ -216,7 +227,12 @@ class ControlVector:
             raise VectorError(f"{path}: direction tensors have different sizes {sorted(widths)}")
         n_embd = widths.pop()
         meta = {k[len(_KEY_PREFIX):]: v for k, v in fields.items() if k.startswith(_KEY_PREFIX)}
-        n_layer = max(int(meta.get("n_layer", 0)), max(dirs) + 1)
+        try:
+            n_layer = max(int(meta.get("n_layer", 0)), max(dirs) + 1)
+        except (TypeError, ValueError):
+            raise VectorError(f"{path}: bad localsteer.n_layer {meta.get('n_layer')!r}") from None
+        if n_layer > MAX_LAYERS:
+            raise VectorError(f"{path}: localsteer.n_layer is {n_layer}; no model has that many layers")
         directions = np.zeros((n_layer, n_embd), dtype=np.float32)
         for il, v in dirs.items():
             directions[il] = v

@@ -37,3 +37,11 @@ def qwen05(qwen05_path):
     m = Model(qwen05_path)
     yield m
     m.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (tests/test_faults.py reads which tests ran)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -41,6 +41,7 @@ def test_pull_verifies_and_leaves_nothing_on_mismatch(monkeypatch, tmp_path):
     assert path.stat().st_size == good.size and seen[-1] == (good.size, good.size)
     assert models.sha256_file(path) == good.sha256
     path.unlink()
+    path.with_name(path.name + ".verified").unlink()  # the record of that verification
     bad = dataclasses.replace(good, sha256="0" * 64)
     monkeypatch.setitem(models.KNOWN_MODELS, "smollm2-135m-instruct", bad)
     with pytest.raises(PullError, match="sha256 mismatch"):

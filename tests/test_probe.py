@@ -93,9 +93,16 @@ def test_probe_separates_held_out_refusal_prompts(qwen05):
     result = api.train_probe_sets(qwen05, SETS.harmful, SETS.harmless)
     assert result.test is not None and result.test.n == len(SETS.harmful["test"]) + len(SETS.harmless["test"])
     assert result.test.accuracy >= 0.9, result.report()
-    # the shipped probe was made by the same command on the same data
+    # The shipped probe was made by the same command on the same data, on another CPU: llama.cpp's
+    # kernels round differently per instruction set (AVX-512 vs AVX2), so the layer chosen by
+    # cross-validation may differ by a near-tie. What must hold everywhere: the shipped probe
+    # separates the held-out prompts as well, and its layer is as good as the best one here.
     shipped = Probe.load(PROBE)
-    assert shipped.layer == result.probe.layer and shipped.threshold == pytest.approx(result.probe.threshold)
+    test = SETS.harmful["test"] + SETS.harmless["test"]
+    p = shipped.prompt_probability(qwen05, [api.chat_prompt(qwen05, t) for t in test])
+    labels = np.array([1] * len(SETS.harmful["test"]) + [0] * len(SETS.harmless["test"]))
+    assert np.mean((p >= shipped.threshold) == (labels == 1)) >= 0.9
+    assert result.cv_accuracy[shipped.layer] >= np.nanmax(result.cv_accuracy) - 0.03, result.report()
 
 
 def test_gated_steering_is_plain_on_benign_prompts_and_steered_on_flagged_ones(qwen05):

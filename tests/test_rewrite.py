@@ -277,7 +277,7 @@ def test_extract_rewrite_cli_errors(tmp_path):
     base = [sys.executable, "-m", "localsteer.cli", "extract", "-o", str(tmp_path / "v.gguf")]
     no_rewrite = subprocess.run(base + ["-d", str(tmp_path / "x.jsonl"), "--method", "rewrite"],
                                 capture_output=True, text=True, cwd=ROOT)
-    assert no_rewrite.returncode == 2 and "--rewrite" in no_rewrite.stderr
+    assert no_rewrite.returncode == 1 and "--rewrite" in no_rewrite.stderr
     missing = subprocess.run(base + ["-d", str(tmp_path / "x.jsonl"), "--method", "rewrite", "--rewrite", "lower"],
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 1 and "dataset not found" in missing.stderr

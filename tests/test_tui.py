@@ -154,6 +154,21 @@ async def test_streamed_multi_turn_chat(smol, tmp_path):
 
 
 @drive
+async def test_ctrl_c_stops_the_reply_then_quits(tmp_path):
+    app = make_app(tmp_path, max_tokens=400)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await send(pilot, LONG)
+        await wait_for(pilot, lambda: len(last_reply(app).events) >= 3, "a few tokens")
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: not app.generating, "the reply to stop", timeout=5)
+        await replied(pilot)
+        assert last_reply(app).stats.stopped and last_reply(app).stats.n_tokens < 400
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: not app.is_running, "the app to quit", timeout=5)
+
+
+@drive
 async def test_keys_stop_regenerate_new_chat(tmp_path):
     app = make_app(tmp_path, max_tokens=96)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -475,7 +490,7 @@ def test_cli_chat_only_parses(monkeypatch):
         "smollm2-135m-instruct", ("a.gguf:2", "b.gguf"), "8-16", 5, 64, 1)
     assert o.sampling.greedy
     bad = CliRunner().invoke(main, ["chat", "--reject-topk", "0"])
-    assert bad.exit_code == 2 and "at least 1" in bad.output
+    assert bad.exit_code == 1 and "0 is not in the range x>=1" in bad.output
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -582,12 +597,26 @@ def test_snapshot_start(tmp_path, monkeypatch, snap_compare):
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
 
 
+# Which tokens of that reply are weakened or fall back hinges on near-ties in the plain top-1, and
+# llama.cpp's CPU kernels round differently per instruction set: the same text comes out with 71%
+# of its tokens accepted on the Intel hosts and 75% on AMD EPYC ones. The snapshot pins the
+# statuses like the speed (s steered, w weakened, p plain); test_rejected_tokens_are_styled_and_explained
+# checks every real status's style.
+PINNED_STATUSES = "sswssssssssspwspsswswsss"
+
+
 def test_snapshot_after_a_rejection_reply(tmp_path, monkeypatch, snap_compare):
     async def run_before(pilot):
         await loaded(pilot)
         await send(pilot, "Hi")
         await replied(pilot)
         pilot.app.query_one(TokenDetails).clear()  # its probabilities are too fine for a snapshot
+        turn = last_reply(pilot.app)
+        assert len(turn.events) == len(PINNED_STATUSES)
+        for event, s in zip(turn.events, PINNED_STATUSES):
+            event.status = {"s": "steered", "w": "weakened", "p": "plain"}[s]
+        pilot.app.query_one(StatusBar).acceptance = PINNED_STATUSES.count("s") / len(PINNED_STATUSES)
+        pilot.app.transcript.view_for(turn).update()
         await pin_moving_parts(pilot)
 
     app = snapshot_app(tmp_path, monkeypatch, vectors=[("happy-sad.gguf", 4)], reject_topk=1, max_tokens=24)

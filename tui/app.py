@@ -43,6 +43,8 @@ class ChatApp(App[None]):
     TITLE = "localsteer chat"
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
+        # as in llama.cpp's own chat: Ctrl-C stops the reply being written, else quits
+        Binding("ctrl+c", "interrupt", "Stop or quit", show=False, priority=True),
         Binding("ctrl+r", "regenerate", "Regenerate", priority=True),
         Binding("ctrl+n", "new_chat", "New chat", priority=True),
         Binding("f2", "compare", "Compare"),
@@ -106,6 +108,9 @@ class ChatApp(App[None]):
             backend = backend_name()
         except (LocalsteerError, ValueError, OSError) as e:
             self.post_message(ModelFailed(str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - MemoryError or a bug: a notification, never a hang
+            self.post_message(ModelFailed(f"{type(e).__name__}: {e}"))
             return
         self.post_message(ModelLoaded(session, backend, entries, problems))
 
@@ -205,6 +210,8 @@ class ChatApp(App[None]):
             self.post_message(ReplyFailed(turn, ""))
         except (LocalsteerError, ValueError) as e:
             self.post_message(ReplyFailed(turn, str(e)))
+        except Exception as e:  # noqa: BLE001 - MemoryError or a bug: the chat goes on
+            self.post_message(ReplyFailed(turn, f"{type(e).__name__}: {e}"))
         else:
             self.post_message(ReplyFinished(turn, text, stats))
 
@@ -271,6 +278,12 @@ class ChatApp(App[None]):
         if action == "regenerate" and not any(t.role == "assistant" for t in self.conversation.turns):
             return None
         return True
+
+    def action_interrupt(self) -> None:
+        if self.generating:
+            self.action_stop()
+        else:
+            self.exit()  # unmounting cancels the workers; the session waits for one inside the model
 
     def action_stop(self) -> None:
         if self._reply is not None:

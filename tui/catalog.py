@@ -65,7 +65,11 @@ def discover(model: Model, model_name: str, specs: Sequence[str], shipped_dir: P
         entries.append(e)
 
     for spec in specs:
-        path, scale = api.parse_spec(spec)
+        try:
+            path, scale = api.parse_spec(spec)
+        except LocalsteerError as err:
+            problems.append(str(err))
+            continue
         add(Path(path).expanduser(), "command line", scale, enabled=True)
     for path in _gguf_files([shipped_dir / model_name]):
         add(path, "shipped")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from localsteer.fileio import check_output, write_text
 from localsteer.steer import TokenEvent
 
 
@@ -106,8 +107,8 @@ class Conversation:
         """Write the Markdown (.md) or JSONL (.jsonl) form; returns which one."""
         kind = "jsonl" if path.suffix.lower() in (".jsonl", ".json") else "markdown"
         text = self.to_jsonl(model) if kind == "jsonl" else self.to_markdown(model)
-        with open(path, "w" if force else "x", encoding="utf-8") as f:
-            f.write(text)
+        check_output(path, force)
+        write_text(path, text)
         return kind
 
 

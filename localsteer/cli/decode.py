@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from .. import api
-from .base import gpu_option, main, model_option, threads_option, verbose_option
+from .base import (FiniteFloat, ctx_option, gpu_option, main, model_option, seed_option, temperature_option,
+                   threads_option, verbose_option)
 
 
 # --- generate -----------------------------------------------------------------------------------
@@ -19,17 +20,17 @@ from .base import gpu_option, main, model_option, threads_option, verbose_option
 @click.option("--vector", "-v", "vectors", multiple=True, metavar="PATH[:SCALE]",
               help="Control vector, optionally scaled; repeat to compose (weighted sum).")
 @click.option("--layers", "-l", default=None, help="Active layers, e.g. 8-16 (default: the vector's).")
-@click.option("--max-tokens", "-n", type=int, default=128, show_default=True)
-@click.option("--temperature", "--temp", type=float, default=0.8, show_default=True,
-              help="0 for greedy decoding.")
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--min-p", type=float, default=0.05, show_default=True)
-@click.option("--seed", "-s", type=int, default=None, help="Sampling seed (default: random).")
-@click.option("--reject-topk", type=int, default=None,
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
+@temperature_option
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: off.")
+@click.option("--top-p", type=FiniteFloat(0, 1), default=0.95, show_default=True)
+@click.option("--min-p", type=FiniteFloat(0, 1), default=0.05, show_default=True)
+@seed_option
+@ctx_option
+@click.option("--reject-topk", type=click.IntRange(min=1), default=None,
               help="Dynamic rejection: a steered token must be in the plain model's top K.")
-@click.option("--reject-minp", type=float, default=0.0, show_default=True,
-              help="...and have plain probability >= this x the plain maximum.")
+@click.option("--reject-minp", type=FiniteFloat(0, 1), default=None,
+              help="...and have plain probability >= this x the plain maximum (default 0; needs --reject-topk).")
 @click.option("--recovery", type=click.Choice(["reset", "hold", "gradual"]), default="reset",
               show_default=True, help="How steering comes back after a weakened token.")
 @click.option("--reject-fold", type=click.Choice(["auto", "none", "case", "recase"]), default="auto",
@@ -53,10 +54,13 @@ from .base import gpu_option, main, model_option, threads_option, verbose_option
 @gpu_option
 @verbose_option
 @click.argument("prompt")
-def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_p, seed, reject_topk,
+def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_p, seed, n_ctx, reject_topk,
              reject_minp, recovery, reject_fold, reject_loop, loras, when, raw, system, as_json, events, threads,
              gpu_layers, verbose, prompt) -> None:
     """Generate a reply to PROMPT, steered by control vectors."""
+    if reject_minp is not None and reject_topk is None:
+        raise click.UsageError("--reject-minp refines --reject-topk: give --reject-topk K too")
+    reject_minp = reject_minp or 0.0
     lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
     steering = api.steering_from_specs(lm, vectors, layers)
     fold = api.fold_for(vectors) if reject_fold == "auto" else reject_fold
@@ -66,7 +70,7 @@ def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_
     gate = api.load_gate(lm, when) if when else None
     run = api.generate(lm, prompt, steering, sampling=sampling, max_tokens=max_tokens,
                        rejection=rejection, raw=raw, system=system, n_threads=threads, adapters=adapters,
-                       stream=None if as_json else _stream_echo, gate=gate)
+                       stream=None if as_json else _stream_echo, gate=gate, n_ctx=n_ctx)
     if as_json:
         obj = run.as_dict(events=events)
         click.echo(json.dumps(obj, ensure_ascii=False))
@@ -88,12 +92,11 @@ def _stream_echo(text: str) -> None:
               help="Control vector to start with, switched on; repeat to compose. The panel also "
                    "lists the shipped and your own vectors for the model.")
 @click.option("--layers", "-l", default=None, help="Active layers, e.g. 8-16 (default: the vectors').")
-@click.option("--reject-topk", type=int, default=None,
+@click.option("--reject-topk", type=click.IntRange(min=1), default=None,
               help="Start with dynamic rejection on, at this top-k.")
-@click.option("--max-tokens", "-n", type=int, default=256, show_default=True, help="Per reply.")
-@click.option("--temperature", "--temp", type=float, default=0.8, show_default=True,
-              help="0 for greedy decoding.")
-@click.option("--seed", "-s", type=int, default=None, help="Sampling seed (default: random).")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=256, show_default=True, help="Per reply.")
+@temperature_option
+@seed_option
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA adapter (e.g. refusal-ablate.gguf), on for the whole session; repeatable.")
 @click.option("--when", "when", default=None, metavar="PROBE",
@@ -104,8 +107,6 @@ def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, lor
     """Chat with a model in the terminal, steering it as you go."""
     from localsteer_tui import ChatOptions, run
 
-    if reject_topk is not None and reject_topk < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--reject-topk")
     if when is not None and not Path(when).is_file():
         raise click.ClickException(f"probe file not found: {when}")
     run(ChatOptions(model=model, vectors=tuple(vectors), adapters=tuple(loras), when=when, layers=layers, reject_topk=reject_topk,

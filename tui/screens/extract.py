@@ -154,6 +154,9 @@ class ExtractScreen(ModalScreen[Path | None]):
         except (LocalsteerError, ValueError, OSError) as e:
             self.post_message(self.Note(str(e), failed=True))
             return
+        except Exception as e:  # noqa: BLE001 - MemoryError or a bug: shown, never a hang
+            self.post_message(self.Note(f"{type(e).__name__}: {e}", failed=True))
+            return
         self.post_message(self.Done(out, f"wrote {out} (suggested layers {vector.meta.get('layers')}); "
                                          "switch it on in the panel"))
 

@@ -13,6 +13,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, RadioButton, RadioSet
 
+from localsteer.errors import LocalsteerError
+
 from ..conversation import Conversation
 from .confirm import write_to_typed_path
 
@@ -60,8 +62,8 @@ class SaveScreen(ModalScreen[Path | None]):
     def _write(self, path: Path, force: bool) -> None:
         try:
             kind = self.conversation.save(path, self.model, force=force)
-        except OSError as e:
-            self.notify(f"could not save {path}: {e.strerror or e}", severity="error", markup=False)
+        except LocalsteerError as e:
+            self.notify(f"could not save: {e}", severity="error", markup=False)
             return
         self.notify(f"saved the conversation to {path} ({kind})", markup=False)
         self.dismiss(path)
