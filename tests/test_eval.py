@@ -60,6 +60,7 @@ def test_eval_rejects_unknown_types(tmp_path):
     assert proc.returncode == 1 and "unknown instruction type(s): klingon" in proc.stderr
 
 
+@pytest.mark.nomodel
 def test_settings_check_lets_new_grids_and_older_files_through():
     from localsteer.evaluate import check_settings
     new = {"max_tokens": 32, "reject_topk": 20, "reject_minp": 0.1}

@@ -315,6 +315,7 @@ def test_an_unwritable_output_fails_before_the_work(tmp_path):
         subprocess.run(["chattr", "-i", str(locked)])
 
 
+@pytest.mark.nomodel
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     out = tmp_path / "v.gguf"
     out.write_bytes(b"old")
@@ -466,6 +467,7 @@ def test_identical_pairs_warn_and_all_identical_fail(tmp_path):
 
 # --- the chat ------------------------------------------------------------------------------------
 
+@pytest.mark.nomodel
 def test_the_chat_reports_a_failed_load_instead_of_hanging(monkeypatch, tmp_path):
     import asyncio
 

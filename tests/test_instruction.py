@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from localsteer.activations import collect
 from localsteer.dataset import Pair
@@ -47,6 +48,7 @@ def test_one_layer_chosen_on_validation_with_the_projection_weight(smol):
     assert v.meta["method"] == "instruction" and v.meta["layers"] == str(il)
 
 
+@pytest.mark.nomodel
 def test_candidate_layers_are_the_middle_half():
     assert candidate_layers(24) == [6, 8, 10, 12, 14, 16, 18]
     assert candidate_layers(30) == [7, 9, 11, 13, 15, 17, 19, 21]

@@ -22,6 +22,7 @@ def synthetic(n_embd=16, n_vocab=40, tied=False) -> Weights:
     }, tied)
 
 
+@pytest.mark.nomodel
 def test_ablated_activations_have_no_component_along_the_direction():
     r = RNG.normal(size=16)
     x = RNG.normal(size=(50, 16)) * 10
@@ -36,6 +37,7 @@ def test_ablated_activations_have_no_component_along_the_direction():
     np.testing.assert_allclose(flipped @ u, -(x @ u), atol=1e-9)
 
 
+@pytest.mark.nomodel
 def test_adapter_tensors_are_the_weight_orthogonalization():
     w = synthetic()
     dirs = RNG.normal(size=(2, 16))
@@ -56,6 +58,7 @@ def test_adapter_tensors_are_the_weight_orthogonalization():
     assert not any(k.startswith("token_embd") for k in tied)
 
 
+@pytest.mark.nomodel
 def test_writer_refuses_to_overwrite_and_reads_back(tmp_path):
     w = synthetic()
     r = RNG.normal(size=16)
@@ -73,12 +76,16 @@ def test_writer_refuses_to_overwrite_and_reads_back(tmp_path):
         ControlVector.load(path)
 
 
+@pytest.mark.nomodel
 def test_post_norm_architectures_are_refused(tmp_path):
     import gguf
     path = tmp_path / "g.gguf"
     wr = gguf.GGUFWriter(str(path), "gemma3")
     wr.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    wr.write_header_to_file(); wr.write_kv_data_to_file(); wr.write_tensors_to_file(); wr.close()
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
     with pytest.raises(ModelError, match="post-norm"):
         residual_writers(path)
 

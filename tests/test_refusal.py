@@ -19,18 +19,21 @@ SHIPPED = ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "refusal"
 SETS = rf.load_sets(ROOT / "vectors" / "datasets" / "refusal")
 
 
+@pytest.mark.nomodel
 @pytest.mark.parametrize("phrase", rf.PHRASES)
 def test_every_refusal_phrase_is_caught(phrase):
     assert rf.is_refusal(f"{phrase.capitalize()} help with that request.")
     assert rf.is_refusal(f"Well. {phrase.upper()} do it.")  # case-insensitive, anywhere in the head
 
 
+@pytest.mark.nomodel
 def test_answers_are_not_refusals_and_late_phrases_do_not_count():
     assert not rf.is_refusal("Sure! Here is a recipe for a quick weeknight vegetable curry: first, chop")
     assert not rf.is_refusal("To kill a hanging Python process, find its PID with ps and run kill -9 PID.")
     assert not rf.is_refusal("x" * rf.REFUSAL_CHARS + " I'm sorry")
 
 
+@pytest.mark.nomodel
 def test_datasets_are_split_and_disjoint():
     for sets in (SETS.harmful, SETS.harmless):
         assert all(len(sets[s]) >= 20 for s in ("train", "validation", "test"))
@@ -39,6 +42,7 @@ def test_datasets_are_split_and_disjoint():
     assert len(every) == len(set(every))
 
 
+@pytest.mark.nomodel
 def test_inlp_finds_the_separating_direction_and_removes_it():
     rng = np.random.default_rng(0)
     d = 40

@@ -37,6 +37,7 @@ def test_extract_mean_is_difference_of_means(smol):
     assert v.meta["n_pairs"] == 6 and v.arch == "llama"
 
 
+@pytest.mark.nomodel
 def test_pca_direction_is_signed_and_scaled():
     rng = np.random.default_rng(0)
     true = rng.normal(size=16)

@@ -444,6 +444,7 @@ async def test_extract_a_vector_inside_the_app(tmp_path):
     assert vector.meta["n_pairs"] == 3 and vector.meta["dataset"] == "tiny.jsonl"
 
 
+@pytest.mark.nomodel
 def test_typed_pairs():
     pairs = parse_typed_pairs("I am happy | I am sad\n\n  yay!|oh no ")
     assert [(p.positive, p.negative) for p in pairs] == [("I am happy", "I am sad"), ("yay!", "oh no")]
@@ -474,6 +475,7 @@ def test_extraction_waits_for_the_model(smol):
     assert result == {"stopped": True}
 
 
+@pytest.mark.nomodel
 def test_cli_chat_only_parses(monkeypatch):
     from click.testing import CliRunner
 
@@ -513,6 +515,7 @@ async def test_bad_vectors_are_notified_and_the_app_keeps_going(tmp_path):
         assert last_reply(app).text
 
 
+@pytest.mark.nomodel
 @drive
 async def test_a_missing_model_is_notified(tmp_path):
     app = make_app(tmp_path, model=str(tmp_path / "nope.gguf"))

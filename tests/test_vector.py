@@ -11,6 +11,8 @@ import pytest
 from localsteer.errors import LayerRangeError, OutputExistsError, VectorError
 from localsteer.vector import ControlVector, format_layers, parse_layers
 
+pytestmark = pytest.mark.nomodel  # no model, no llama.cpp: `pytest -m nomodel` runs these in seconds
+
 
 def vec(seed=0, n_layer=6, n_embd=8, arch="llama") -> ControlVector:
     return ControlVector(np.random.default_rng(seed).normal(size=(n_layer, n_embd)), arch, {"method": "mean"})

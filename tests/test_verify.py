@@ -12,6 +12,8 @@ import pytest
 from localsteer import verify
 from localsteer.errors import DatasetError
 
+pytestmark = pytest.mark.nomodel  # no model, no llama.cpp: `pytest -m nomodel` runs these in seconds
+
 DATASETS = Path(__file__).resolve().parent.parent / "vectors" / "datasets"
 INSTRUCTIONS = DATASETS / "instructions"
 EXPECTED = {

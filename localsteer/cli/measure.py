@@ -24,7 +24,8 @@ from .base import (REFUSAL_DATA, FiniteFloat, force_option, main, model_option, 
 @click.option("--prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Benign prompts (JSONL: prompt, split) [default: the built-in set].")
 @click.option("--split", type=click.Choice(["train", "validation", "test", "all"]), default="test", show_default=True)
-@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=16, show_default=True, help="Plain reply length read per prompt.")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Plain reply length read per prompt.")
 @click.option("--save", is_flag=True,
               help="Store the result in the vector file (one vector): localsteer.benign_kl at that scale.")
 @verbose_option
