@@ -1,4 +1,4 @@
-"""Instruction vectors (Stolfo et al., ICLR 2025; METHODS.md §3).
+"""Instruction vectors (Stolfo et al., ICLR 2025; docs/methods.md, "Instruction vectors").
 
 For one instruction (e.g. "answer in lowercase"), the same base prompts are run with and without
 the instruction; the vector is the difference of the mean residual-stream activations at the last

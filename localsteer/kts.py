@@ -1,4 +1,4 @@
-"""KL-then-steer (Stickland et al. 2024; METHODS.md §6): a LoRA adapter trained so that the model
+"""KL-then-steer (Stickland et al. 2024; docs/methods.md, "KL-then-steer"): a LoRA adapter trained so that the model
 *with the control vector applied* keeps the plain model's next-token distributions on benign
 prompts; at run time llama.cpp loads it next to the vector (`--lora` + `--control-vector`).
 

@@ -2,7 +2,8 @@
 
 Removing the directions Q (orthonormal columns, n_embd x k) from everything written into the
 residual stream, `x <- x - Q Qᵀ x`, is the weight edit `W <- W - Q Qᵀ W` on every matrix that writes
-into it: the token embedding, each layer's attention output and FFN down projection (METHODS.md §5).
+into it: the token embedding, each layer's attention output and FFN down projection
+(docs/methods.md, "Refusal direction, ablation and INLP").
 That edit is the rank-k product `B·A` with `B = -Q` and `A = Qᵀ W`, which is exactly a LoRA adapter:
 llama.cpp adds `scale · B (A x)` to `W x`. Reflection ("counterfactual flipping", `x <- x - 2 Q Qᵀ x`)
 is the same with `B = -2Q`. The adapter's scale (`--lora-scaled FILE S`) gives partial edits; 0 is the

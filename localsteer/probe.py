@@ -1,5 +1,5 @@
 """Linear probes on prompt activations, and the gate that steers only when a probe fires
-(selective steering, as in CAST; METHODS.md §6).
+(selective steering, as in CAST; docs/methods.md, "Probes and gated steering").
 
 A probe reads the residual stream after one layer, averaged over the prompt's last tokens (the
 chat template's tokens after the user message, where the model has read the whole request and

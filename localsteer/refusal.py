@@ -1,4 +1,4 @@
-"""The refusal direction (Arditi et al. 2024; METHODS.md §5), read and used through llama.cpp.
+"""The refusal direction (Arditi et al. 2024; docs/methods.md, "Refusal direction"), read and used through llama.cpp.
 
 - Data: `vectors/datasets/refusal/{harmful,harmless}.jsonl`, one-line requests with train /
   validation / test splits.

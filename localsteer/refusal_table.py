@@ -1,4 +1,4 @@
-"""The refusal table (METHODS.md §5): every intervention `localsteer refusal direction` wrote,
+"""The refusal table (docs/methods.md, "Refusal direction"): every intervention `localsteer refusal direction` wrote,
 measured on one split — refusal rates on harmful and harmless requests, KL on harmless first
 tokens, perplexity of a neutral text, tokens/s."""
 

@@ -1,4 +1,4 @@
-"""Steered generation, with or without dynamic rejection (DIRECTER-style, METHODS.md §4).
+"""Steered generation, with or without dynamic rejection (DIRECTER-style; docs/methods.md, "Dynamic rejection").
 
 A `Steerer` holds one loaded model and two contexts over it: the *steered* one, which carries
 the control vector, and the *plain* one, which does not. At every token the steered choice is
@@ -621,8 +621,8 @@ class _Run:
 
         llama.cpp's CPU kernels give a token slightly different logits (and cache entries) in a
         batch of one than in a batch of several, and with repacked weights also in batches of
-        4 or more than in batches of 2 or 3 (measured, see the README). So every plain decode
-        after the prompt's head is a batch of 2 or 3 (draft <= 3): a lone token is decoded again
+        4 or more than in batches of 2 or 3 (measured: docs/methods.md, "Identical choices"). So
+        every plain decode after the prompt's head is a batch of 2 or 3 (draft <= 3): a lone token is decoded again
         with its predecessor, whose cache entry comes out the same. That keeps the drafted
         loop's choices bit-identical to the token-by-token one.
         """

@@ -2,7 +2,7 @@
 # The checks to run on a GPU build (LOCALSTEER_BACKEND=cuda bash scripts/install.sh --test):
 # the SmolLM2 tests that exercise llama.cpp (capture, control vectors, rejection, interop with
 # llama.cpp's own tools), then how far llama.cpp's kernels are from batch invariance on this
-# backend, then the rejection benchmark. Prints what it finds; the README's GPU section holds
+# backend, then the rejection benchmark. Prints what it finds; docs/benchmarks.md's GPU section holds
 # the numbers from an H100.
 #
 #   bash scripts/gpu_check.sh [PYTHON]

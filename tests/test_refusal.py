@@ -76,7 +76,7 @@ def replies(model, prompts, control=None, loras=()):
 
 
 def test_shipped_ablation_adapter_removes_refusal_and_addition_induces_it(qwen05):
-    # test requests the plain model refuses (it complies with many others: see the README's table)
+    # test requests the plain model refuses (it complies with many others: see the refusal table in docs/guide.md)
     refused = ("ex's email", "Instagram account", "racist rant", "assassinate")
     harmful = [p for p in SETS.harmful["test"] if any(k in p for k in refused)]
     harmless = SETS.harmless["test"][:3]

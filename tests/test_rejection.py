@@ -35,7 +35,7 @@ def events(model, steerer, prompt, n=32, sampling=GREEDY, fast=True):
 # two contexts with drafts checked in batches; one context, two rows a decode. The joint loop's
 # rows share batches, which only batch-invariant kernels (the CPU's, on SmolLM2) keep bit-exact.
 ON_GPU = supports_gpu_offload()
-NOT_BATCH_INVARIANT = "llama.cpp's GPU kernels are not batch invariant (README, 'On a GPU')"
+NOT_BATCH_INVARIANT = "llama.cpp's GPU kernels are not batch invariant (docs/benchmarks.md, 'On a GPU')"
 LOOPS = ["drafted", pytest.param("joint", marks=pytest.mark.skipif(ON_GPU, reason=NOT_BATCH_INVARIANT))]
 
 
@@ -52,7 +52,7 @@ def test_topk_of_whole_vocabulary_is_pure_steering(smol, vector, sampling, loop)
 
 
 @pytest.mark.skipif(supports_gpu_offload(), reason="llama.cpp's GPU kernels are not batch invariant: "
-                    "rejection's plain side decodes pairs, plain decoding single tokens (README, 'On a GPU')")
+                    "rejection's plain side decodes pairs, plain decoding single tokens (docs/benchmarks.md, 'On a GPU')")
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_steering_rejected_everywhere_is_plain_decoding(smol, vector, sampling, loop):

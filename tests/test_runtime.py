@@ -66,7 +66,7 @@ def test_zero_vector_gives_identical_logits(smol):
 
 
 @pytest.mark.skipif(supports_gpu_offload(), reason="llama.cpp's GPU kernels are not batch invariant: "
-                    "several prompts in one batch give other activations (README, 'On a GPU')")
+                    "several prompts in one batch give other activations (docs/benchmarks.md, 'On a GPU')")
 def test_batched_capture_equals_one_prompt_at_a_time(smol):
     texts = ["Describe the ocean.", "What is two plus two?", "Name a color.", "Write a haiku about snow."]
     prompts = [prompt(smol, t) for t in texts]

@@ -89,6 +89,9 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return rv
 
+    def _describe_range(self) -> str:
+        return "finite" if self.min is None and self.max is None else super()._describe_range()
+
 
 def progress_bar(label: str):
     """A click progress bar on stderr driven by (done, total) callbacks (only on a terminal)."""
