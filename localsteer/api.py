@@ -11,21 +11,24 @@ from typing import Callable, Sequence
 from . import doctor as _doctor
 from . import models as _models
 from . import probe as _probe
+from . import shipped
 from .dataset import Pair, same_sides
 from .dataset import load_pairs as _load_pairs
-from .errors import ContextError, DatasetError, ModelError, VectorError
-from .fileio import check_finite_tensors, check_output, write_text
-from .extract import ExtractResult
+from .errors import (ContextError, DatasetError, LayerRangeError, LocalsteerError, ModelError, OutputError,
+                     OutputExistsError, ProbeError, PullError, VectorError)
+from .evaluate import CONDITIONS as EVAL_CONDITIONS
+from .extract import ExtractResult, suggested_layers
 from .extract import extract as _extract
+from .fileio import check_finite_tensors, check_output, write_text
 from .importance import importance_order
-from .probe import Gate, Probe, Training
-from .runtime import Lora, Model
+from .models import DEFAULT_MODEL, KNOWN_MODELS, home, quick_fingerprint
+from .probe import Decision, Gate, Probe, Scores, Training
+from .runtime import Lora, Model, backend_devices
 from .sampling import DEFAULT_SEED, Sampling
 from .steer import Rejection, Steerer, TokenEvent
 from .vector import ControlVector, format_layers, parse_layers
 
 Progress = Callable[[int, int], None]
-REPO = Path(__file__).resolve().parent.parent
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -102,6 +105,31 @@ def parse_spec(spec: str) -> tuple[str, float | None]:
     return path, value
 
 
+def vector_spec(spec: str, model: Model | None = None) -> tuple[Path, float | None]:
+    """`PATH[:SCALE]` or `NAME[:SCALE]` -> (the vector file, the scale or None). A NAME (no
+    folder, no .gguf) is a shipped vector for `model` (`vectors/<model>/NAME.gguf`, for the known
+    models) or one of the user's (`$LOCALSTEER_HOME/vectors/NAME.gguf`)."""
+    text, scale = parse_spec(spec)
+    return vector_file(text, model), scale
+
+
+def vector_file(name: str, model: Model | None = None) -> Path:
+    """The file a vector name or path stands for (see `vector_spec`)."""
+    path = Path(name).expanduser()
+    if path.exists() or "/" in name or os.sep in name or name.endswith(".gguf") or model is None:
+        return path
+    places = [_models.home() / "vectors"]
+    known = _models.cached_name(model.path)
+    if known is not None:
+        places.insert(0, shipped.model_dir(known))
+    for place in places:
+        if (place / f"{name}.gguf").is_file():
+            return place / f"{name}.gguf"
+    names = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.gguf")})
+    raise VectorError(f"vector {name!r} not found: no such file, and no shipped or user vector of that name for "
+                      f"{known or model.info.name} ({', '.join(names) or 'there are none'})")
+
+
 @dataclass(frozen=True)
 class Steering:
     """A composed control vector and the layers it is active on (empty: no steering)."""
@@ -127,8 +155,8 @@ def steering_from_specs(model: Model, specs: Sequence[str], layers: str | None =
     parts = []
     total = None
     for spec in specs:
-        path, scale = parse_spec(spec)
-        v = ControlVector.load(path).fit(model.arch, model.n_layer, model.n_embd, path)
+        path, scale = vector_spec(spec, model)
+        v = ControlVector.load(path).fit(model.arch, model.n_layer, model.n_embd, str(path))
         scale = v.suggested_scale if scale is None else scale
         if layers is None and v.suggested_layers:
             v = v.only_layers(v.suggested_layers)
@@ -137,7 +165,7 @@ def steering_from_specs(model: Model, specs: Sequence[str], layers: str | None =
             total = v if total is None else total + v
         except VectorError as e:
             raise VectorError(f"{spec}: {e}") from None
-        parts.append((path, scale))
+        parts.append((str(path), scale))
     active = parse_layers(layers, model.n_layer) if layers is not None else total.layers
     return Steering(total.only_layers(active), tuple(active), tuple(parts))
 
@@ -189,11 +217,11 @@ def rejection_config(topk: int | None, minp: float = 0.0, recovery: str = "reset
                      loop=loop)
 
 
-def fold_for(specs: Sequence[str]) -> str:
+def fold_for(specs: Sequence[str], model: Model | None = None) -> str:
     """The plausibility fold the vectors ask for: "case" when any of them was made as a case
     rewrite (its metadata says `reject_fold: case`), else "none". The fold only forgives a
     difference of letter case, which is what a case vector in a mix asks to be forgiven."""
-    folds = {str(load_vector(parse_spec(s)[0]).meta.get("reject_fold", "none")) for s in specs}
+    folds = {str(load_vector(vector_spec(s, model)[0]).meta.get("reject_fold", "none")) for s in specs}
     return "case" if "case" in folds else "none"
 
 
@@ -362,7 +390,7 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
 
 # --- side effects -------------------------------------------------------------------------------
 
-BENIGN = REPO / "vectors" / "datasets" / "benign.jsonl"
+BENIGN = shipped.datasets() / "benign.jsonl"
 
 
 def benign_kl(model: Model, steering: Steering, adapters: Sequence[tuple[Lora, float]] = (),
@@ -406,11 +434,25 @@ def load_gate(model: Model, path: str | os.PathLike) -> Gate:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
+def check_eval_settings(out_dir: str | os.PathLike, settings: dict) -> None:
+    """A ValueError if `out_dir` holds results made with other settings (a rerun resumes them)."""
+    import json
+    from .evaluate import check_settings
+    path = Path(out_dir) / "results.json"
+    try:
+        old = json.loads(path.read_text()).get("settings", {}) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from None
+    check_settings(old, settings, Path(out_dir))
+    for name in ("results.json", "results.md", "results.png"):
+        check_output(Path(out_dir) / name, force=True)  # resumed, but they must be writable files
+
+
 def evaluate(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir: str | os.PathLike,
              limit: int | None = None, max_tokens: int = 48, topk: int = 20,
              compose: Sequence[tuple[str, str]] = (), log: Callable[[str], None] = print,
-             datasets: str | os.PathLike = REPO / "vectors" / "datasets",
-             vectors: str | os.PathLike = REPO / "vectors", oversteer: float | None = None,
+             datasets: str | os.PathLike = shipped.datasets(),
+             vectors: str | os.PathLike = shipped.root(), oversteer: float | None = None,
              conditions: Sequence[str] | None = None, minp: float = 0.0, fold: str = "auto"):
     """The `localsteer eval` grid (see localsteer/evaluate.py)."""
     from .evaluate import CONDITIONS, OVERSTEER, run_grid
@@ -420,6 +462,89 @@ def evaluate(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
                     conditions=tuple(conditions or CONDITIONS), minp=minp, fold=fold)
 
 
+# --- refusal --------------------------------------------------------------------------------------
+
+def refusal_direction(model: Model, dataset_dir: str | os.PathLike, out: str | os.PathLike, inlp_rounds: int = 8,
+                      kl_max: float = 0.1, force: bool = False, log: Callable[[str], None] = print,
+                      progress: Progress | None = None) -> dict[str, Path]:
+    """Select the refusal direction and write the interventions into `out` (refusal.build);
+    returns {kind: file}. Every output is checked before the work (`check_output`)."""
+    from . import refusal as rf
+    sets = rf.load_sets(dataset_dir)
+    out = Path(out)
+    for f in rf.FILES.values():
+        check_output(out / f, force)
+    rf.build(model, sets, out, model_sha256=_models.fingerprint(model.path), force=force,
+             inlp_rounds=inlp_rounds, kl_max=kl_max, log=log, progress=progress)
+    return {kind: out / f for kind, f in rf.FILES.items()}
+
+
+def refusal_table(model: Model, dataset_dir: str | os.PathLike, directory: str | os.PathLike, split: str = "test",
+                  limit: int | None = None, max_tokens: int = 24, log: Callable[[str], None] = print,
+                  progress: Progress | None = None) -> str:
+    """Refusal rates, harmless KL, perplexity and speed of every intervention in `directory` (what
+    `refusal_direction` wrote), as Markdown; `log` receives the table's rows as they come."""
+    from . import refusal as rf
+    from . import refusal_table as rt
+    sets = rf.load_sets(dataset_dir)
+    directory = Path(directory)
+    missing = [f for k, f in rf.FILES.items() if k != "selection" and not (directory / f).is_file()]
+    if missing:
+        raise ModelError(f"{directory} lacks {', '.join(missing)}: run `localsteer refusal direction` first")
+    log(rt.TABLE_HEAD)
+    rows = rt.table(model, sets, directory, split=split, max_tokens=max_tokens, limit=limit, log=log,
+                    progress=progress)
+    n_h = len(sets.harmful[split][:limit] if limit else sets.harmful[split])
+    n_b = len(sets.harmless[split][:limit] if limit else sets.harmless[split])
+    return rt.table_markdown(model, rows, split, n_h, n_b, max_tokens)
+
+
+def score_probe(model: Model, probe: str | os.PathLike, positive: str | os.PathLike, negative: str | os.PathLike,
+               split: str = "test", progress: Progress | None = None) -> tuple[Gate, Scores]:
+    """How a probe's decisions match labelled prompts (JSONL: prompt, split; split "all": every one)."""
+    from .dataset import load_split_prompts
+    gate = load_gate(model, probe)
+    pos, neg = load_split_prompts(positive), load_split_prompts(negative)
+
+    def pick(d: dict) -> list[str]:
+        return [p for s in d for p in d[s]] if split == "all" else d[split]
+
+    if not pick(pos) or not pick(neg):
+        raise DatasetError(f"need positive and negative prompts in the {split} split")
+    prompts = pick(pos) + pick(neg)
+    probs = gate.probe.prompt_probability(model, [chat_prompt(model, p) for p in prompts], progress=progress)
+    labels = [True] * len(pick(pos)) + [False] * len(pick(neg))
+    return gate, Scores.of(probs >= gate.probe.threshold, labels)
+
+
+# --- KL-then-steer --------------------------------------------------------------------------------
+
+def train_kts(model: str, vector: str, out: str | os.PathLike, prompt_files: Sequence[str | os.PathLike] = (),
+              rank: int = 4, steps: int = 60, batch: int = 4, lr: float = 1e-3, force: bool = False,
+              log: Callable[[str], None] = print):
+    """A KL-then-steer LoRA for `vector` (`VECTOR[:SCALE]`) on `model` (kts.train; needs the
+    training extra). Prompts: the train split of `prompt_files` (default: the benign set and the
+    harmless refusal requests)."""
+    from . import kts
+    from .dataset import load_split_prompts
+    check_output(out, force)
+    kts._torch()  # the training extra, before anything is loaded
+    files = list(prompt_files) or [BENIGN, shipped.datasets() / "refusal" / "harmless.jsonl"]
+    prompts = [p for f in files for p in load_split_prompts(f)["train"]]
+    if not prompts:
+        raise DatasetError("no prompts in the train split of the prompt files")
+    lm = load_model(model)
+    path, scale = vector_spec(vector, lm)
+    v = ControlVector.load(path).fit(lm.arch, lm.n_layer, lm.n_embd, str(path))
+    scale = v.suggested_scale if scale is None else scale
+    if v.suggested_layers:
+        v = v.only_layers(v.suggested_layers)
+    arch, model_path, name = lm.arch, lm.path, lm.info.name
+    lm.close()  # transformers loads its own copy
+    return kts.train(model_path, arch, v * scale, prompts, out, kts.KtsConfig(rank=rank, steps=steps, batch=batch, lr=lr),
+                     force=force, log=log, meta={"vector": path.name, "vector_scale": scale, "model": name})
+
+
 # --- environment --------------------------------------------------------------------------------
 
 def doctor(model: str = _models.DEFAULT_MODEL) -> _doctor.Report:
@@ -427,8 +552,25 @@ def doctor(model: str = _models.DEFAULT_MODEL) -> _doctor.Report:
 
 
 __all__ = [
-    "ControlVector", "Model", "Pair", "Rejection", "Sampling", "Steerer", "Steering", "VectorError",
-    "bake", "chat_prompt", "check_output", "doctor", "extract_vector", "generate", "list_models",
-    "load_model", "load_pairs", "load_vector", "make_steerer", "parse_spec", "pull_model",
-    "rejection_config", "same_sides", "sampling_config", "steering_from_specs", "write_text",
+    # values and records
+    "ControlVector", "Decision", "ExtractResult", "Gate", "Lora", "Model", "Pair", "Probe", "Rejection", "RunResult",
+    "Sampling", "Scores", "Steerer", "Steering", "TokenEvent", "Training",
+    # errors (each a LocalsteerError: a one-line message for the user)
+    "ContextError", "DatasetError", "LayerRangeError", "LocalsteerError", "ModelError", "OutputError",
+    "OutputExistsError", "ProbeError", "PullError", "VectorError",
+    # models
+    "DEFAULT_MODEL", "KNOWN_MODELS", "backend_devices", "doctor", "home", "list_models", "load_model", "pull_model",
+    "quick_fingerprint",
+    # vectors
+    "bake", "extract_instruction_vector", "extract_rewrite_vector", "extract_vector", "format_layers", "load_pairs",
+    "load_vector", "parse_layers", "parse_spec", "same_sides", "shipped", "steering_from_specs", "suggested_layers",
+    "vector_file", "vector_spec",
+    # generation
+    "chat_prompt", "check_prompt_fits", "fold_for", "generate", "importance_order", "load_adapters", "make_steerer",
+    "rejection_config", "sampling_config",
+    # side effects, probes, refusal, KTS, evaluation
+    "BENIGN", "EVAL_CONDITIONS", "benign_kl", "check_eval_settings", "evaluate", "load_gate", "refusal_direction",
+    "refusal_table", "score_probe", "train_kts", "train_probe", "train_probe_sets",
+    # files
+    "check_output", "write_text",
 ]

@@ -22,6 +22,7 @@ from typing import Callable
 
 from .errors import ModelError, OutputError, PullError
 from .fileio import write_text
+from .runtime import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -230,11 +231,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _die_with_parent() -> None:
-    """In the pip child, before exec: be killed when localsteer dies, even by SIGKILL (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
 
 
 def _download(requirements: list[str], into: Path) -> dict[str, Path]:
@@ -246,7 +243,7 @@ def _download(requirements: list[str], into: Path) -> dict[str, Path]:
     # pip runs in its own process group, ended with it on any exit of ours (Ctrl-C, SIGTERM, an
     # error); PR_SET_PDEATHSIG covers SIGKILL
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+                            start_new_session=True, preexec_fn=die_with_parent)
     try:
         _, stderr = proc.communicate()
     except BaseException:

@@ -442,6 +442,13 @@ def _finite(logits: np.ndarray) -> np.ndarray:
     return logits
 
 
+def die_with_parent() -> None:
+    """For a child process, before exec: be killed when this process dies, even by SIGKILL
+    (Linux's PR_SET_PDEATHSIG; elsewhere nothing). `models.pull` runs pip so."""
+    if os.uname().sysname == "Linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
 def default_threads() -> int:
     """CPU threads per context: $LOCALSTEER_THREADS, else the CPU count (at most 8)."""
     env = os.environ.get("LOCALSTEER_THREADS", "")

@@ -17,9 +17,7 @@ from textual.widgets import Footer, Input
 from textual.worker import Worker, get_current_worker
 
 from localsteer import api
-from localsteer.errors import LocalsteerError
-from localsteer.extract import suggested_layers
-from localsteer.vector import format_layers, parse_layers
+from localsteer.api import LocalsteerError, format_layers, parse_layers, suggested_layers
 
 from . import catalog, mix
 from .conversation import Conversation, Turn

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from localsteer import api
-from localsteer.errors import LocalsteerError
-from localsteer.runtime import Model
+from localsteer.api import LocalsteerError, Model
 
 
 @dataclass(frozen=True)
@@ -66,11 +65,11 @@ def discover(model: Model, model_name: str, specs: Sequence[str], shipped_dir: P
 
     for spec in specs:
         try:
-            path, scale = api.parse_spec(spec)
+            path, scale = api.vector_spec(spec, model)
         except LocalsteerError as err:
             problems.append(str(err))
             continue
-        add(Path(path).expanduser(), "command line", scale, enabled=True)
+        add(path, "command line", scale, enabled=True)
     for path in _gguf_files([shipped_dir / model_name]):
         add(path, "shipped")
     for path in _gguf_files([user_dir]):

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from localsteer.fileio import check_output, write_text
-from localsteer.steer import TokenEvent
+from localsteer.api import TokenEvent, check_output, write_text
 
 
 @dataclass

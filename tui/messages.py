@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from localsteer.steer import TokenEvent
+from localsteer.api import TokenEvent
 
 from .catalog import VectorEntry
 from .conversation import ReplyStats, Turn

@@ -9,10 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localsteer import api
-from localsteer.errors import LocalsteerError
-from localsteer.runtime import Model
-from localsteer.steer import Rejection
-from localsteer.vector import ControlVector, format_layers
+from localsteer.api import ControlVector, LocalsteerError, Model, Rejection, format_layers
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ def choose(model: Model, settings: MixSettings) -> Choice:
     or `ValueError` (bad top-k)."""
     steering = api.steering_from_specs(model, settings.specs(), settings.layers or None)
     # case-rewrite vectors ask for plausibility up to letter case (as `generate --reject-fold auto`)
-    fold = api.fold_for(settings.specs()) if settings.reject and settings.parts else "none"
+    fold = api.fold_for(settings.specs(), model) if settings.reject and settings.parts else "none"
     return Choice(steering, api.rejection_config(settings.topk if settings.reject else None, fold=fold))
 
 

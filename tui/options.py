@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localsteer import api, models
-from localsteer.sampling import Sampling
+from localsteer import api
+from localsteer.api import Sampling
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class ChatOptions:
     probe train`): a turn is steered only if the probe flags its prompt.
     """
 
-    model: str = models.DEFAULT_MODEL
+    model: str = api.DEFAULT_MODEL
     vectors: tuple[str, ...] = ()
     adapters: tuple[str, ...] = ()  # LoRA adapters `PATH[:SCALE]`, part of the model on both sides
     when: str | None = None  # a probe file: steer only the turns it flags
@@ -30,11 +30,11 @@ class ChatOptions:
     sampling: Sampling = field(default_factory=api.sampling_config)
     threads: int | None = None
     gpu_layers: int = 999
-    user_dir: Path = field(default_factory=lambda: models.home() / "vectors")
-    shipped_dir: Path = api.REPO / "vectors"
-    datasets_dir: Path = api.REPO / "vectors" / "datasets"
+    user_dir: Path = field(default_factory=lambda: api.home() / "vectors")
+    shipped_dir: Path = field(default_factory=api.shipped.root)
+    datasets_dir: Path = field(default_factory=api.shipped.datasets)
 
     @property
     def model_label(self) -> str:
         """The model as the user named it: a known name, or the file's name."""
-        return self.model if self.model in models.KNOWN_MODELS else Path(self.model).name
+        return self.model if self.model in api.KNOWN_MODELS else Path(self.model).name

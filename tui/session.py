@@ -12,14 +12,9 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
-from localsteer import api, models
-from localsteer.dataset import Pair
-from localsteer.importance import importance_order
-from localsteer.probe import Decision, Gate
-from localsteer.runtime import Lora, Model, backend_devices
-from localsteer.sampling import Sampling
-from localsteer.steer import TokenEvent
-from localsteer.vector import ControlVector
+from localsteer import api
+from localsteer.api import (ControlVector, Decision, Gate, Lora, Model, Pair, Sampling, TokenEvent, backend_devices,
+                            importance_order)
 
 from .conversation import ReplyStats
 from .mix import PLAIN, Choice, Mailbox
@@ -92,7 +87,7 @@ class Session:
         if choice.rejection is None or steering.vector is None:
             return None
         if self._fingerprint is None:
-            self._fingerprint = models.quick_fingerprint(self.model.path)
+            self._fingerprint = api.quick_fingerprint(self.model.path)
         status("ranking layers for rejection (once per mix)…")
         return importance_order(self.model, steering.vector, steering.layers, self._fingerprint)
 

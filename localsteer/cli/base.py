@@ -11,8 +11,7 @@ import threading
 import click
 
 from .. import __version__, api
-from ..errors import LocalsteerError
-from ..models import DEFAULT_MODEL
+from ..api import DEFAULT_MODEL, LocalsteerError
 
 
 class Terminated(KeyboardInterrupt):
@@ -78,21 +77,6 @@ class _Interrupted(Exception):
         self.signal = signal
 
 
-class FiniteFloat(click.FloatRange):
-    """A number within optional bounds that must be finite (click's FloatRange lets nan pass)."""
-
-    name = "number"
-
-    def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return rv
-
-    def _describe_range(self) -> str:
-        return "finite" if self.min is None and self.max is None else super()._describe_range()
-
-
 def progress_bar(label: str):
     """A click progress bar on stderr driven by (done, total) callbacks (only on a terminal)."""
     state: dict = {}
@@ -110,6 +94,21 @@ def progress_bar(label: str):
             bar.__exit__(None, None, None)
 
     return update
+
+
+class FiniteFloat(click.FloatRange):
+    """A number within optional bounds that must be finite (click's FloatRange lets nan pass)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+    def _describe_range(self) -> str:
+        return "finite" if self.min is None and self.max is None else super()._describe_range()
 
 
 @click.group(cls=_Group)
@@ -130,8 +129,41 @@ seed_option = click.option("--seed", "-s", type=click.IntRange(-1, 0xFFFFFFFF), 
                            help="Sampling seed (-1: random, as in llama.cpp).")
 temperature_option = click.option("--temperature", "--temp", type=FiniteFloat(min=0), default=0.8,
                                   show_default=True, help="0 for greedy decoding.")
+_VECTOR_HELP = ("a .gguf file, or the name of a shipped or your own vector for the model (e.g. happy-sad), "
+                "optionally scaled (default: its suggested scale)")
+
+
+def vectors_option(help: str = "Control vector; repeat to compose (weighted sum).", **kw):
+    """--vector/-v VECTOR[:SCALE], repeatable (the steering of generate, chat and kl)."""
+    return click.option("--vector", "-v", "vectors", multiple=True, metavar="VECTOR[:SCALE]",
+                        help=f"{help} VECTOR is {_VECTOR_HELP}.", **kw)
+
+
+layers_option = click.option("--layers", "-l", default=None,
+                             help="Active layers of the mix, e.g. 8-16 or 4-6,10 (default: the vectors' own).")
+loras_option = click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+                            help="LoRA adapter (e.g. refusal-ablate.gguf), optionally scaled; repeatable.")
+when_option = click.option("--when", "when", default=None, metavar="PROBE",
+                           help="Steer only if this probe (`localsteer probe train`) fires on the prompt.")
+reject_topk_option = click.option("--reject-topk", type=click.IntRange(min=1), default=None,
+                                  help="Dynamic rejection: a steered token must be in the plain model's top K.")
+
+
+def sampling_options(f):
+    """The sampling chain (llama.cpp's defaults) and the seed."""
+    for option in reversed([
+        temperature_option,
+        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: off."),
+        click.option("--top-p", type=FiniteFloat(0, 1), default=0.95, show_default=True),
+        click.option("--min-p", type=FiniteFloat(0, 1), default=0.05, show_default=True),
+        seed_option,
+    ]):
+        f = option(f)
+    return f
+
+
 ctx_option = click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=16), default=4096, show_default=True,
                           help="Context size in tokens (prompt and reply), at most the model's training context.")
 
 # the refusal datasets: the default data of `refusal`, `probe` and `kl`
-REFUSAL_DATA = api.REPO / "vectors" / "datasets" / "refusal"
+REFUSAL_DATA = api.shipped.datasets() / "refusal"

@@ -9,26 +9,21 @@ from pathlib import Path
 import click
 
 from .. import api
-from .base import (FiniteFloat, ctx_option, gpu_option, main, model_option, seed_option, temperature_option,
-                   threads_option, verbose_option)
+from .base import (FiniteFloat, ctx_option, gpu_option, layers_option, loras_option, main, model_option,
+                   reject_topk_option, sampling_options, seed_option, temperature_option, threads_option,
+                   vectors_option, verbose_option, when_option)
 
 
 # --- generate -----------------------------------------------------------------------------------
 
 @main.command()
 @model_option
-@click.option("--vector", "-v", "vectors", multiple=True, metavar="PATH[:SCALE]",
-              help="Control vector, optionally scaled; repeat to compose (weighted sum).")
-@click.option("--layers", "-l", default=None, help="Active layers, e.g. 8-16 (default: the vector's).")
+@vectors_option()
+@layers_option
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
-@temperature_option
-@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: off.")
-@click.option("--top-p", type=FiniteFloat(0, 1), default=0.95, show_default=True)
-@click.option("--min-p", type=FiniteFloat(0, 1), default=0.05, show_default=True)
-@seed_option
+@sampling_options
 @ctx_option
-@click.option("--reject-topk", type=click.IntRange(min=1), default=None,
-              help="Dynamic rejection: a steered token must be in the plain model's top K.")
+@reject_topk_option
 @click.option("--reject-minp", type=FiniteFloat(0, 1), default=None,
               help="...and have plain probability >= this x the plain maximum (default 0; needs --reject-topk).")
 @click.option("--recovery", type=click.Choice(["reset", "hold", "gradual"]), default="reset",
@@ -42,10 +37,8 @@ from .base import (FiniteFloat, ctx_option, gpu_option, main, model_option, seed
               help="How rejection evaluates both sides: joint (one context, one two-row decode per token; "
                    "faster on CPUs), drafted (two contexts, steered drafts checked in one batch; for GPUs); "
                    "auto: joint on the CPU, drafted when the model is offloaded to a GPU.")
-@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
-              help="LoRA adapter (e.g. refusal-ablate.gguf), optionally scaled; repeatable.")
-@click.option("--when", "when", default=None, metavar="PROBE",
-              help="Steer only if this probe (`localsteer probe train`) fires on the prompt.")
+@loras_option
+@when_option
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -63,7 +56,7 @@ def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_
     reject_minp = reject_minp or 0.0
     lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
     steering = api.steering_from_specs(lm, vectors, layers)
-    fold = api.fold_for(vectors) if reject_fold == "auto" else reject_fold
+    fold = api.fold_for(vectors, lm) if reject_fold == "auto" else reject_fold
     rejection = api.rejection_config(reject_topk, reject_minp, recovery, fold=fold, loop=reject_loop)
     sampling = api.sampling_config(temperature, top_k, top_p, min_p, seed)
     adapters = api.load_adapters(lm, loras)
@@ -88,19 +81,15 @@ def _stream_echo(text: str) -> None:
 
 @main.command()
 @model_option
-@click.option("--vector", "-v", "vectors", multiple=True, metavar="PATH[:SCALE]",
-              help="Control vector to start with, switched on; repeat to compose. The panel also "
-                   "lists the shipped and your own vectors for the model.")
-@click.option("--layers", "-l", default=None, help="Active layers, e.g. 8-16 (default: the vectors').")
-@click.option("--reject-topk", type=click.IntRange(min=1), default=None,
-              help="Start with dynamic rejection on, at this top-k.")
+@vectors_option("Control vector to start with, switched on; repeat to compose. The panel also lists the "
+                "shipped and your own vectors for the model.")
+@layers_option
+@reject_topk_option
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=256, show_default=True, help="Per reply.")
 @temperature_option
 @seed_option
-@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
-              help="LoRA adapter (e.g. refusal-ablate.gguf), on for the whole session; repeatable.")
-@click.option("--when", "when", default=None, metavar="PROBE",
-              help="Steer only the turns whose prompt this probe (`localsteer probe train`) flags.")
+@loras_option
+@when_option
 @threads_option
 @gpu_option
 def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, loras, when, threads, gpu_layers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import api
-from ..models import KNOWN_MODELS
+from ..api import KNOWN_MODELS
 from .base import force_option, main, model_option, progress_bar
 
 

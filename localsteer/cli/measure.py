@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 import numpy as np
 
 from .. import api
-from .base import (REFUSAL_DATA, FiniteFloat, force_option, main, model_option, progress_bar, threads_option,
-                   verbose_option)
+from .base import (FiniteFloat, force_option, layers_option, loras_option, main, model_option,
+                   progress_bar, threads_option, vectors_option, verbose_option)
 
 
 # --- side effects -------------------------------------------------------------------------------
 
 @main.command()
 @model_option
-@click.option("--vector", "-v", "vectors", multiple=True, metavar="PATH[:SCALE]",
-              help="Control vector (default scale: its suggested one); repeat to compose.")
-@click.option("--layers", "-l", default=None, help="Active layers, e.g. 8-16 (default: the vectors').")
-@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA adapter; repeatable.")
+@vectors_option()
+@layers_option
+@loras_option
 @click.option("--prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Benign prompts (JSONL: prompt, split) [default: the built-in set].")
 @click.option("--split", type=click.Choice(["train", "validation", "test", "all"]), default="test", show_default=True)
@@ -32,8 +30,6 @@ from .base import (REFUSAL_DATA, FiniteFloat, force_option, main, model_option, 
 def kl(model, vectors, layers, loras, prompts, split, max_tokens, save, verbose) -> None:
     """Side effects: KL(plain ‖ steered) of next-token distributions on benign prompts, read along
     the plain model's own greedy replies."""
-    from ..vector import ControlVector
-
     if not vectors and not loras:
         raise click.ClickException("give a --vector or a --lora to measure")
     if save and (len(vectors) != 1 or loras or layers):
@@ -47,9 +43,9 @@ def kl(model, vectors, layers, loras, prompts, split, max_tokens, save, verbose)
     click.echo(f"benign KL(plain ‖ steered): {value:.4f}  ({n} prompts, {split} split, <= {max_tokens} tokens each; "
                f"steering: {steering.describe()}{'; adapters: ' + ', '.join(loras) if loras else ''})")
     if save:
-        path, _ = api.parse_spec(vectors[0])
+        path, _ = api.vector_spec(vectors[0], lm)
         scale = steering.parts[0][1]
-        v = ControlVector.load(path).with_meta(benign_kl=value, benign_kl_scale=scale, benign_kl_model=lm.info.name)
+        v = api.load_vector(path).with_meta(benign_kl=value, benign_kl_scale=scale, benign_kl_model=lm.info.name)
         v.save(path, force=True)
         click.echo(f"stored in {path}: benign_kl={value:.4f} at scale {scale:g} on {lm.info.name}")
 
@@ -61,7 +57,7 @@ def kts() -> None:
 
 @kts.command("train")
 @model_option
-@click.option("--vector", "-v", "vector_spec", required=True, metavar="PATH[:SCALE]",
+@click.option("--vector", "-v", "vector_spec", required=True, metavar="VECTOR[:SCALE]",
               help="The control vector the adapter goes with (default scale: its suggested one).")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Benign prompts (JSONL: prompt, split); their train split is used. "
@@ -75,28 +71,8 @@ def kts() -> None:
 def kts_train(model, vector_spec, prompt_files, rank, steps, batch, lr, out, force) -> None:
     """Train a LoRA so that the model steered by VECTOR keeps the plain model's next-token
     distributions on benign prompts; use it with the vector: `--lora OUT -v VECTOR`."""
-    from .. import kts as _kts
-    from ..dataset import load_split_prompts
-    from ..vector import ControlVector
-
-    api.check_output(out, force)
-    _kts._torch()
-    files = list(prompt_files) or [api.BENIGN, REFUSAL_DATA / "harmless.jsonl"]
-    prompts = [p for f in files for p in load_split_prompts(f)["train"]]
-    if not prompts:
-        raise click.ClickException("no prompts in the train split of the prompt files")
-    lm = api.load_model(model)
-    path, scale = api.parse_spec(vector_spec)
-    v = ControlVector.load(path).fit(lm.arch, lm.n_layer, lm.n_embd, path)
-    scale = v.suggested_scale if scale is None else scale
-    if v.suggested_layers:
-        v = v.only_layers(v.suggested_layers)
-    arch, model_path, name = lm.arch, lm.path, lm.info.name
-    lm.close()  # transformers loads its own copy
-    result = _kts.train(model_path, arch, v * scale, prompts, out,
-                        _kts.KtsConfig(rank=rank, steps=steps, batch=batch, lr=lr), force=force,
-                        log=lambda m: click.echo(m, err=True),
-                        meta={"vector": Path(path).name, "vector_scale": scale, "model": name})
+    result = api.train_kts(model, vector_spec, out, prompt_files, rank=rank, steps=steps, batch=batch, lr=lr,
+                           force=force, log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {out}: KL on a training batch {result.start_kl:.4f} without the adapter, "
                f"{np.mean(result.losses[-10:]):.4f} with it (last 10 steps); {result.seconds:.0f} s")
     click.echo(f"use it with the vector: localsteer generate --lora {out} -v {vector_spec} ...")
@@ -130,7 +106,7 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
 def eval_(model_names, types, compose, limit, max_tokens, reject_topk, reject_minp, reject_fold, oversteer,
           conditions, out, threads, verbose) -> None:
     """Instruction-following accuracy, task fidelity and fluency with and without steering."""
-    from ..evaluate import CONDITIONS
+    CONDITIONS = api.EVAL_CONDITIONS
     cond_list = [c for c in (conditions or "").split(",") if c] or list(CONDITIONS)
     if set(cond_list) - set(CONDITIONS):
         raise click.ClickException(f"unknown condition(s): {', '.join(sorted(set(cond_list) - set(CONDITIONS)))}; "
@@ -145,13 +121,8 @@ def eval_(model_names, types, compose, limit, max_tokens, reject_topk, reject_mi
         if not sep or a not in ALL_TYPES.split(",") or b not in ALL_TYPES.split(","):
             raise click.ClickException(f"bad --compose {spec!r}: use two types joined by +")
         pairs.append((a, b))
-    from ..evaluate import check_settings
-    try:
-        old = json.loads((out / "results.json").read_text()).get("settings", {}) if (out / "results.json").is_file() else {}
-        check_settings(old, {"max_tokens": max_tokens, "reject_topk": reject_topk, "reject_minp": reject_minp,
-                             "reject_fold": reject_fold, "oversteer": oversteer}, out)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    api.check_eval_settings(out, {"max_tokens": max_tokens, "reject_topk": reject_topk, "reject_minp": reject_minp,
+                                  "reject_fold": reject_fold, "oversteer": oversteer})
     models = [(name, api.load_model(name, verbose=verbose)) for name in model_names]
     results = api.evaluate(models, type_list, out, limit=limit, max_tokens=max_tokens, topk=reject_topk,
                            compose=pairs, log=click.echo, oversteer=oversteer, conditions=cond_list,

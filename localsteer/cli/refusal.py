@@ -36,23 +36,14 @@ def refusal_direction(model, dataset_dir, out, inlp_rounds, kl_max, force, verbo
     inlp-project.gguf and inlp-flip.gguf (LoRA: INLP), random-ablate.gguf (control). The candidate
     scores are kept in candidates.json there: a rerun (--force, e.g. another --kl-max) reuses them,
     and an interrupted run resumes."""
-    from .. import refusal as rf
-    from ..models import fingerprint
-
-    sets = rf.load_sets(dataset_dir)
-    if not force:
-        for f in rf.FILES.values():
-            if (out / f).exists():
-                raise click.ClickException(f"{out / f} exists (use --force to overwrite)")
     lm = api.load_model(model, verbose=verbose)
-    sel = rf.build(lm, sets, out, model_sha256=fingerprint(lm.path), force=force, inlp_rounds=inlp_rounds,
-                   kl_max=kl_max, log=lambda s: click.echo(s, err=True), progress=progress_bar("candidates"))
-    click.echo((out / rf.FILES["selection"]).read_text())
-    click.echo(f"wrote {', '.join(str(out / f) for f in rf.FILES.values())}")
+    files = api.refusal_direction(lm, dataset_dir, out, inlp_rounds=inlp_rounds, kl_max=kl_max, force=force,
+                                  log=lambda s: click.echo(s, err=True), progress=progress_bar("candidates"))
+    click.echo(files["selection"].read_text())
+    click.echo(f"wrote {', '.join(str(f) for f in files.values())}")
     click.echo("use in llama.cpp:")
-    click.echo(f"  llama-cli -m MODEL.gguf --lora {out / rf.FILES['ablation']}        # refuses less")
-    click.echo(f"  llama-cli -m MODEL.gguf --control-vector {out / rf.FILES['addition']}   # refuses more")
-    del sel
+    click.echo(f"  llama-cli -m MODEL.gguf --lora {files['ablation']}        # refuses less")
+    click.echo(f"  llama-cli -m MODEL.gguf --control-vector {files['addition']}   # refuses more")
 
 
 @refusal.command("table")
@@ -70,22 +61,11 @@ def refusal_direction(model, dataset_dir, out, inlp_rounds, kl_max, force, verbo
 @verbose_option
 def refusal_table(model, dataset_dir, directory, split, limit, max_tokens, out, force, verbose) -> None:
     """Refusal rates, harmless KL, perplexity and speed of every intervention, on one table."""
-    from .. import refusal as rf
-    from .. import refusal_table as rt
-
     if out is not None:
         api.check_output(out, force)
-    sets = rf.load_sets(dataset_dir)
-    missing = [f for k, f in rf.FILES.items() if k != "selection" and not (directory / f).is_file()]
-    if missing:
-        raise click.ClickException(f"{directory} lacks {', '.join(missing)}: run `localsteer refusal direction` first")
     lm = api.load_model(model, verbose=verbose)
-    click.echo(rt.TABLE_HEAD)
-    rows = rt.table(lm, sets, directory, split=split, max_tokens=max_tokens, limit=limit, log=click.echo,
-                    progress=progress_bar("replies"))
-    n_h = len(sets.harmful[split][:limit] if limit else sets.harmful[split])
-    n_b = len(sets.harmless[split][:limit] if limit else sets.harmless[split])
-    md = rt.table_markdown(lm, rows, split, n_h, n_b, max_tokens)
+    md = api.refusal_table(lm, dataset_dir, directory, split=split, limit=limit, max_tokens=max_tokens,
+                           log=click.echo, progress=progress_bar("replies"))
     if out is not None:
         api.write_text(out, md)
         click.echo(f"wrote {out}")
@@ -129,20 +109,7 @@ def probe_train(model, positive, negative, out, force, verbose) -> None:
 @verbose_option
 def probe_test(model, probe_file, positive, negative, split, verbose) -> None:
     """Accuracy, precision and recall of PROBE on labelled prompts."""
-    from ..dataset import load_split_prompts
-    from ..probe import Scores
-
     lm = api.load_model(model, verbose=verbose)
-    gate = api.load_gate(lm, probe_file)
-    pos, neg = load_split_prompts(positive), load_split_prompts(negative)
-
-    def pick(d: dict) -> list[str]:
-        return [p for s in d for p in d[s]] if split == "all" else d[split]
-
-    prompts = pick(pos) + pick(neg)
-    if not pick(pos) or not pick(neg):
-        raise click.ClickException(f"need positive and negative prompts in the {split} split")
-    probs = gate.probe.prompt_probability(lm, [api.chat_prompt(lm, p) for p in prompts], progress=progress_bar("prompts"))
-    labels = [True] * len(pick(pos)) + [False] * len(pick(neg))
+    gate, scores = api.score_probe(lm, probe_file, positive, negative, split, progress=progress_bar("prompts"))
     click.echo(f"{probe_file.name} (layer {gate.probe.layer}, threshold {gate.probe.threshold:.2f}) on {split}: "
-               + Scores.of(probs >= gate.probe.threshold, labels).line())
+               + scores.line())

@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from .. import api
-from ..errors import DatasetError
-from ..vector import format_layers
+from ..api import DatasetError, format_layers
 from .base import FiniteFloat, force_option, gpu_option, main, model_option, progress_bar, threads_option, verbose_option
 
 

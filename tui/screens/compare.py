@@ -12,8 +12,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, Static
 from textual.worker import get_current_worker
 
-from localsteer.errors import LocalsteerError
-from localsteer.sampling import Sampling
+from localsteer.api import LocalsteerError, Sampling
 
 from ..conversation import Turn
 from ..messages import ReplyFailed, ReplyFinished, SteeringApplied, TokenStreamed, WorkerStatus

@@ -13,8 +13,7 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
-from localsteer.errors import LocalsteerError
-from localsteer.vector import format_layers
+from localsteer.api import LocalsteerError, format_layers
 
 from .. import mix
 from .confirm import write_to_typed_path

@@ -19,8 +19,7 @@ from textual.widgets import Button, Input, Label, ProgressBar, Select, Static, T
 from textual.worker import get_current_worker
 
 from localsteer import api
-from localsteer.dataset import Pair
-from localsteer.errors import LocalsteerError
+from localsteer.api import LocalsteerError, Pair
 
 from ..session import Session, Stopped
 from .confirm import ConfirmScreen

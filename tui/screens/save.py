@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, RadioButton, RadioSet
 
-from localsteer.errors import LocalsteerError
+from localsteer.api import LocalsteerError
 
 from ..conversation import Conversation
 from .confirm import write_to_typed_path

@@ -11,8 +11,7 @@ from textual.message import Message
 from textual.validation import Function, Integer
 from textual.widgets import Checkbox, Input, Label, Static
 
-from localsteer.errors import LayerRangeError
-from localsteer.vector import parse_layers
+from localsteer.api import LayerRangeError, parse_layers
 
 from ..catalog import VectorEntry
 from ..mix import MixSettings

@@ -8,7 +8,7 @@ import json
 from textual.content import Content
 from textual.widgets import Static
 
-from localsteer.vector import format_layers
+from localsteer.api import format_layers
 
 from ..conversation import Turn
 
