@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from . import doctor as _doctor
 from . import models as _models
 from . import probe as _probe
+from . import reply as _reply
 from . import shipped
 from .dataset import Pair, same_sides
 from .dataset import load_pairs as _load_pairs
@@ -23,9 +24,11 @@ from .fileio import check_finite_tensors, check_output, write_text
 from .importance import importance_order
 from .models import DEFAULT_MODEL, KNOWN_MODELS, home, quick_fingerprint
 from .probe import Decision, Gate, Probe, Scores, Training
+from .reply import Reply, acceptance
+from .reply import run as run_reply
 from .runtime import Lora, Model, backend_devices
 from .sampling import DEFAULT_SEED, Sampling
-from .steer import Rejection, Steerer, TokenEvent
+from .steer import Rejection, Status, Steerer, TokenEvent
 from .vector import ControlVector, format_layers, parse_layers
 
 Progress = Callable[[int, int], None]
@@ -288,25 +291,12 @@ def make_steerer(model: Model, steering: Steering, rejection: Rejection | None =
 
 
 @dataclass
-class RunResult:
-    text: str
-    tokens: list[int]
-    events: list[TokenEvent]
-    seconds: float
-    n_prompt: int
-    model: str
-    steering: str
+class RunResult(Reply):
+    """A reply (`reply.Reply`: text, tokens, events, speed, acceptance) with what made it."""
+
+    model: str = ""
+    steering: str = ""
     seed: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def acceptance(self) -> float:
-        n = len(self.events)
-        return sum(e.status in ("steered", "unsteered") for e in self.events) / n if n else 1.0
 
     def as_dict(self, events: bool = False) -> dict:
         d = {"text": self.text, "tokens": self.tokens, "n_prompt_tokens": self.n_prompt,
@@ -342,8 +332,6 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
     reply is the plain model's. The prompt and the reply share a context of `n_ctx` tokens (a
     given `steerer`'s own size); a prompt that does not fit is a `ContextError` before any
     decode, and the reply stops when the context is full (`extra["context_full"]`)."""
-    import time
-
     tokens = chat_prompt(model, prompt, raw=raw, system=system)
     n_ctx = steerer.n_ctx if steerer is not None else n_ctx
     check_prompt_fits(model, len(tokens), n_ctx)
@@ -361,31 +349,28 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
     own = steerer is None
     st = steerer or make_steerer(model, steering, rejection, n_threads=n_threads, n_ctx=n_ctx, adapters=adapters)
     sampling = sampling.resolved()
-    events: list[TokenEvent] = []
-    t0 = time.perf_counter()
+
+    def on_token(ev: TokenEvent, end: bool, seconds: float) -> None:
+        if stream and not end:
+            stream(ev.text)
+
     try:
-        for ev in st.generate(tokens, max_tokens, sampling):
-            events.append(ev)
-            if stream and not model.is_eog(ev.token):
-                stream(ev.text)
+        reply = _reply.run(st, tokens, max_tokens, sampling, on_token=on_token)
     finally:
         if own:
             st.close()
         elif restore is not None:
             st.configure(*restore)
             st.set_adapters(kept_adapters)
-    dt = time.perf_counter() - t0
-    out = [e.token for e in events]
-    text = model.detokenize([t for t in out if not model.is_eog(t)])
     extra = {"layers": format_layers(steering.layers), "seed": sampling.seed,
              "rejection": None if rejection is None else
              {"topk": rejection.topk, "minp": rejection.minp, "recovery": rejection.recovery}}
     if decision is not None:
         extra["gate"] = decision.as_dict()
-    if len(out) < max_tokens and not (out and model.is_eog(out[-1])) and len(tokens) + len(out) >= n_ctx:
+    if reply.context_full:
         extra["context_full"] = True
-    return RunResult(text, out, events, dt, len(tokens), model.info.name, steering.describe(),
-                     extra=extra)
+    return RunResult(reply.text, reply.tokens, reply.events, reply.seconds, reply.n_prompt, reply.stopped,
+                     reply.context_full, extra, model=model.info.name, steering=steering.describe())
 
 
 # --- side effects -------------------------------------------------------------------------------
@@ -566,8 +551,8 @@ __all__ = [
     "load_vector", "parse_layers", "parse_spec", "same_sides", "shipped", "steering_from_specs", "suggested_layers",
     "vector_file", "vector_spec",
     # generation
-    "chat_prompt", "check_prompt_fits", "fold_for", "generate", "importance_order", "load_adapters", "make_steerer",
-    "rejection_config", "sampling_config",
+    "Reply", "Status", "acceptance", "chat_prompt", "check_prompt_fits", "fold_for", "generate", "importance_order",
+    "load_adapters", "make_steerer", "rejection_config", "run_reply", "sampling_config",
     # side effects, probes, refusal, KTS, evaluation
     "BENIGN", "EVAL_CONDITIONS", "benign_kl", "check_eval_settings", "evaluate", "load_gate", "refusal_direction",
     "refusal_table", "score_probe", "train_kts", "train_probe", "train_probe_sets",

@@ -34,6 +34,7 @@ from . import verify
 from .dataset import Pair, load_split_prompts
 from .measure import FLUENT_PPL, BenignKL, perplexity
 from .runtime import Model
+from .reply import run as run_reply
 from .sampling import Sampling
 from .steer import Rejection, Steerer
 from .vector import ControlVector
@@ -58,13 +59,12 @@ class Cell:
 
 
 def _reply(model: Model, steerer: Steerer, user: str, max_tokens: int) -> tuple[str, list[int], list[int], float]:
-    import time
+    """A greedy reply (the one reply loop, `reply.run`): its text, the prompt, the reply's tokens
+    without the end token, and its tokens per second."""
     prompt = model.user_prompt(user)
-    t0 = time.perf_counter()
-    toks = [e.token for e in steerer.generate(prompt, max_tokens, Sampling(temperature=0))]
-    dt = time.perf_counter() - t0
-    body = [t for t in toks if not model.is_eog(t)]
-    return model.detokenize(body), prompt, body, len(toks) / dt if dt > 0 else 0.0
+    reply = run_reply(steerer, prompt, max_tokens, Sampling(temperature=0))
+    body = [t for t in reply.tokens if not model.is_eog(t)]
+    return reply.text, prompt, body, reply.tokens_per_second
 
 
 @dataclass

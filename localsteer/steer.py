@@ -17,12 +17,13 @@ token-by-token loop (`fast=False`).
 from __future__ import annotations
 
 import codecs
-import weakref
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .casefold import case_classes, extension_mass, respelled, spellings, spelled
 from .runtime import Context, Lora, Model, RowSteer
 from .sampling import Sampling, softmax
 from .vector import ControlVector, format_layers
@@ -32,139 +33,25 @@ SCHEDULES = ("halve", "one")
 FOLDS = ("none", "case", "recase")
 LOOPS = ("auto", "drafted", "joint")
 
-_fold_cache: "weakref.WeakKeyDictionary[Model, tuple[list[str], np.ndarray]]" = weakref.WeakKeyDictionary()
-_fold_starts: "weakref.WeakKeyDictionary[Model, dict[int, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
-_spellings: "weakref.WeakKeyDictionary[Model, dict[int, list[tuple[int, ...]]]]" = weakref.WeakKeyDictionary()
-EXTENSION_TOP = 256  # the plain tokens searched for extensions of a steered word piece ("recase")
-
-
-def _folded(model: Model) -> tuple[list[str], np.ndarray]:
-    cached = _fold_cache.get(model)
-    if cached is None:
-        texts = [model.piece(t).decode("utf-8", "replace").casefold() for t in range(model.n_vocab)]
-        ids: dict[str, int] = {}
-        classes = np.array([ids.setdefault(text, len(ids)) for text in texts], dtype=np.int64)
-        cached = _fold_cache[model] = (texts, classes)
-    return cached
-
-
-def _text_tokens(model: Model, text: str) -> list[int]:
-    """`text` as the tokenizer writes it, without a BOS token."""
-    toks = model.tokenize(text, special=False)
-    bos = model.bos_token
-    return toks[1:] if toks and bos is not None and toks[0] == bos else toks
-
-
-def _capitalized(text: str) -> str:
-    """`text` with its first letter in capitals (" tokyo" -> " Tokyo")."""
-    for i, ch in enumerate(text):
-        if ch.isalpha():
-            return text[:i] + ch.upper() + text[i + 1:]
-    return text
-
-
-def spellings(model: Model, token: int) -> list[tuple[int, ...]]:
-    """The ways to write `token`'s text up to letter case: each member of its case class as one
-    token, then the lowercase, capitalised and all-capitals writings the tokenizer splits into
-    several pieces (" Tokyo" lowercased is " to" + "ky" + "o"). Cached per model."""
-    cache = _spellings.setdefault(model, {})
-    if token not in cache:
-        classes = case_classes(model)
-        out = [(int(m),) for m in np.flatnonzero(classes == classes[token])]
-        text = model.piece(token).decode("utf-8", "replace")
-        for variant in (text.lower(), _capitalized(text.lower()), text.upper()):
-            toks = tuple(_text_tokens(model, variant))
-            if len(toks) > 1 and toks not in out and model.detokenize(toks) == variant:
-                out.append(toks)
-        cache[token] = out
-    return cache[token]
-
-
-_case_patterns: "weakref.WeakKeyDictionary[Model, np.ndarray]" = weakref.WeakKeyDictionary()
-LOWER, CAPITAL, UPPER, ONE_CAPITAL = 1, 2, 3, 4  # letter-case patterns of a token's text (0: none)
-
-
-def _pattern(text: str) -> int:
-    letters = "".join(ch for ch in text if ch.isalpha())
-    if not letters:
-        return 0
-    if letters.islower():
-        return LOWER
-    if len(letters) == 1:
-        return ONE_CAPITAL  # "W" starts a capitalised word as often as one in capitals
-    if letters[0].isupper() and letters[1:].islower():
-        return CAPITAL
-    return UPPER if letters.isupper() else 0
-
-
-def case_patterns(model: Model) -> np.ndarray:
-    """For each token id, the case pattern of its letters: LOWER ("when"), CAPITAL ("When"),
-    UPPER ("WHEN"), ONE_CAPITAL ("W") or 0 (no letters, or mixed). Computed once per model."""
-    cached = _case_patterns.get(model)
-    if cached is None:
-        cached = _case_patterns[model] = np.array(
-            [_pattern(model.piece(t).decode("utf-8", "replace")) for t in range(model.n_vocab)], dtype=np.int8)
-    return cached
-
-
-def case_classes(model: Model) -> np.ndarray:
-    """For each token id, the id of its class of tokens that are equal up to letter case
-    (" When", " when" and " WHEN" share one), computed once per model."""
-    return _folded(model)[1]
-
-
 @dataclass(frozen=True)
 class Rejection:
-    """When to reject a steered token, and how steering comes back afterwards.
+    """When to reject a steered token, and how steering comes back afterwards. The method, with
+    its measurements: docs/methods.md, "Dynamic rejection".
 
-    topk: the steered token must be among the plain model's `topk` most likely tokens.
-    minp: and its plain probability must be at least `minp` x the plain maximum (0: off).
-    recovery: after a weakened token, "reset" restores all layers for the next token, "hold"
+    topk: a steered token must be among the plain model's `topk` likeliest tokens.
+    minp: ...and its plain probability at least `minp` x the plain maximum (0: off).
+    recovery: after a weakened token, "reset" restores every layer for the next token, "hold"
       keeps the weakened set for the rest of the reply, "gradual" restores one layer per
       accepted token.
-    draft: with loop "drafted", how many steered tokens to draft before one batched plain check
-      (1: no drafting).
-      Up to 3, the drafted loop's output is identical to the token-by-token loop's on llama.cpp's
-      CPU backend (see `_Run._plain_append`). Longer drafts are checked in batches of 4 or more,
-      which llama.cpp computes with other kernels for repacked weights (on Qwen's Q4_K their
-      logits differ from one-token decodes' by up to 0.4, scripts/bench_rejection.py), so their
-      choices can differ; they are faster where batching is cheap (GPUs), and on 2 CPU cores at
-      full acceptance (16: 0.83 of plain on the 0.5B model, against the joint loop's 0.77).
-    schedule: how steering is weakened at each rejection round: "halve" drops half of the active
-      layers (at least one), least important first; "one" drops a single layer per round.
-    fold: "case" judges plausibility up to letter case: the plain probabilities of tokens that
-      differ only in case are added, and top-k and min-p compare these classes. The plain model
-      then vouches for *what* is said while the vector decides *how* it is written: for case
-      steering (lowercase, uppercase), whose every effect is a token the plain model would never
-      choose, exact plausibility rejects the effect itself. "recase" is "case", and the plain
-      model also reads the reply in its own casing: each accepted token reaches the plain context
-      as the member of its case class the plain model finds most likely (" japan" as " Japan"), so
-      the plain model stays as sure of the content as on text it wrote itself; fed the lowercase
-      reply it loses track ("the capital of japan is" -> " k" about as likely as " Tokyo"). And a
-      steered token also counts with the plain mass of the tokens whose text in lowercase or in
-      capitals the tokenizer starts with it (" to" with " Tokyo", which lowercased is " to" +
-      "ky" + "o": a word is often split where its usual spelling is one token); a piece accepted
-      only so is completed: the steered side writes the rest of that word in that spelling
-      ("ky" "o"), the plain side reads " Tokyo" once.
-      Where steering falls back to the plain choice, or was weakened, the steered model at full
-      strength picks the spelling: the case pattern (lowercase, capitalised, capitals) its
-      distribution gives the most mass decides: the plain model's " The" written " the", or,
-      where that casing has no token of its own, in pieces (" Tokyo" written " to" "ky" "o":
-      the steered side writes three tokens, the plain side reads " Tokyo" once; the pieces after
-      the first come as events with no plain probabilities). Each token's
-      plain logits are needed before the next token can be fed, so "recase" decodes token by
-      token (no drafting). "none" (default) compares tokens.
-    loop: how the steered and the plain distributions are computed. "drafted": two contexts, the
-      steered one with llama.cpp's control vector, drafts checked in batches on the plain one
-      (`draft`); its choices are bit-identical to the token-by-token loop's. "joint": one context
-      holding both sequences; each token is one decode of two rows (the steered token and the
-      plain one), the vector added to the steered row by the eval callback (`RowSteer`). On a CPU
-      a batch of two costs far less than two decodes, so "joint" is faster there
-      (scripts/bench_rejection.py); on a GPU drafting is close to plain speed already, and the
-      callback would copy each steered layer's output to the host and back. A row's logits may
-      differ from a lone decode's in the last bits, so at a near-tie the two loops may choose
-      differently (the tests find the same choices).
-      "auto" (default): "joint" when the model runs on the CPU, "drafted" when it is offloaded.
+    draft: with loop "drafted", steered tokens drafted before one batched plain check (1: none;
+      up to 3 the choices equal the token-by-token loop's; see `_ReplyDecoder._plain_append`).
+    schedule: each rejection round drops "halve" the active layers (at least one) or "one",
+      least important first.
+    fold: "none" compares tokens; "case" judges plausibility up to letter case (for case
+      vectors); "recase" also lets the plain model read the reply in its own casing and writes
+      words in the vector's casing, in pieces where needed (module `casefold`).
+    loop: "joint" (one context, the steered and plain tokens in one two-row decode; the CPU
+      default), "drafted" (two contexts, drafts checked in batches; the GPU default), "auto".
     """
 
     topk: int = 20
@@ -190,6 +77,24 @@ class Rejection:
             raise ValueError(f"loop must be one of {LOOPS}")
 
 
+class Status(str, Enum):
+    """How a token was chosen."""
+
+    STEERED = "steered"  # at full steering, plausible to the plain model (or no rejection)
+    WEAKENED = "weakened"  # after rejection rounds, with fewer layers steering
+    PLAIN = "plain"  # no layer set was plausible: the plain model's choice
+    UNSTEERED = "unsteered"  # no steering was on
+
+    # a Status is its string everywhere: equal, hashed (dict keys, styles), printed, formatted
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 @dataclass
 class TokenEvent:
     """What happened at one generated token (for UIs, logs and `generate --events`)."""
@@ -197,7 +102,7 @@ class TokenEvent:
     index: int
     token: int
     text: str
-    status: str  # "steered" (full steering), "weakened", "plain" (fallback), "unsteered"
+    status: Status
     # an event with no plain_top continues a word written in pieces (fold "recase")
     rounds: int  # rejection rounds before this token was accepted
     layers: tuple[int, ...]  # layers active when the token was chosen
@@ -206,7 +111,7 @@ class TokenEvent:
     plain_top: list[tuple[int, str, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"index": self.index, "token": self.token, "text": self.text, "status": self.status,
+        return {"index": self.index, "token": self.token, "text": self.text, "status": self.status.value,
                 "rounds": self.rounds, "layers": format_layers(self.layers),
                 "steered_prob": self.steered_prob, "plain_prob": self.plain_prob,
                 "plain_top": [{"token": t, "text": s, "prob": p} for t, s, p in self.plain_top]}
@@ -326,7 +231,7 @@ class Steerer:
         self._joint_run = steered is plain
         self._dirty = True
         self._reconfigured = False
-        state = _Weakening(self)
+        state = _ActiveLayers(self)
         self._apply(state.active)
         if self._joint_run:
             # sequence 0 is the steered reply (every prompt row steered), sequence 1 the plain one
@@ -337,21 +242,21 @@ class Steerer:
             steered.decode_sequence(prompt, 0, seq_id=1)
             p_logits = steered.logits()
             self._rows.rows = [0]  # from here on every decode's first row is the steered token
-            run = _Run(self, list(prompt), sampling, max_tokens, steered, plain)
+            run = _ReplyDecoder(self, list(prompt), sampling, max_tokens, steered, plain)
             yield from run.checked(s_logits, p_logits, state)
             return
         steered.decode_sequence(prompt, 0)
         s_logits = steered.logits()
         p_logits = None
         if plain is not None:
-            # the last two prompt tokens go in a batch of two: see _Run._plain_append
+            # the last two prompt tokens go in a batch of two: see _ReplyDecoder._plain_append
             plain.clear()
             head = max(0, len(prompt) - 2)
             plain.decode_sequence(prompt[:head], 0)
             tail = list(prompt[head:])
             plain.decode(tail, range(head, len(prompt)), [0] * len(tail), [False] * (len(tail) - 1) + [True])
             p_logits = plain.logits()
-        run = _Run(self, list(prompt), sampling, max_tokens, steered, plain)
+        run = _ReplyDecoder(self, list(prompt), sampling, max_tokens, steered, plain)
         if plain is None:
             yield from run.unchecked(s_logits, state)
         elif fast and self.rejection.draft > 1 and self.rejection.fold != "recase":
@@ -360,7 +265,7 @@ class Steerer:
             yield from run.checked(s_logits, p_logits, state)
 
 
-class _Weakening:
+class _ActiveLayers:
     """The active layer set through a reply: shrinks on rejection, recovers by policy."""
 
     def __init__(self, steerer: Steerer, active: tuple[int, ...] | None = None):
@@ -368,8 +273,8 @@ class _Weakening:
         self.full = steerer.layers
         self.active = self.full if active is None else active
 
-    def copy(self) -> "_Weakening":
-        return _Weakening(self.steerer, self.active)
+    def copy(self) -> "_ActiveLayers":
+        return _ActiveLayers(self.steerer, self.active)
 
     def weaken(self) -> None:
         rej = self.steerer.rejection
@@ -388,12 +293,12 @@ class _Weakening:
             self.active = tuple(sorted(self.active + (missing[0],)))
 
 
-class _Run:
+class _ReplyDecoder:
     """One reply in progress: the token history, the events, and the three decoding loops."""
 
     def __init__(self, steerer: Steerer, history: list[int], sampling: Sampling, max_tokens: int,
                  steered: Context | None = None, plain: Context | None = None):
-        self.s = steerer
+        self.steerer = steerer
         self.steered = steered
         self.plain = plain
         # Rejection.loop "joint": one context, the steered reply as sequence 0, the plain one as 1
@@ -411,12 +316,12 @@ class _Run:
     def step(self) -> int:
         return len(self.history) - self.n_prompt
 
-    def _refresh(self, state: _Weakening) -> _Weakening:
+    def _refresh(self, state: _ActiveLayers) -> _ActiveLayers:
         """A fresh layer set when `configure()` changed the steering in the middle of a reply."""
-        if not self.s._reconfigured:
+        if not self.steerer._reconfigured:
             return state
-        self.s._reconfigured = False
-        return _Weakening(self.s)
+        self.steerer._reconfigured = False
+        return _ActiveLayers(self.steerer)
 
     def _done(self, token: int) -> bool:
         return self.model.is_eog(token) or self.step >= self.max_tokens
@@ -424,14 +329,14 @@ class _Run:
     def _event(self, token: int, status: str, rounds: int, layers: tuple[int, ...],
                s_logits: np.ndarray | None, p_logits: np.ndarray | None) -> TokenEvent:
         ev = TokenEvent(self.step, token, self.utf8.decode(self.model.piece(token)), status, rounds, layers)
-        if not self.s.details:
+        if not self.steerer.details:
             return ev
         if s_logits is not None:
             ev.steered_prob = float(softmax(s_logits)[token])
         if p_logits is not None:
             p = softmax(p_logits)
             ev.plain_prob = float(p[token])
-            n = self.s.top_n_events
+            n = self.steerer.top_n_events
             top = np.argpartition(-p, n)[:n]
             top = top[np.argsort(-p[top])]
             ev.plain_top = [(int(t), self.model.piece(int(t)).decode("utf-8", "replace"), float(p[t]))
@@ -440,7 +345,7 @@ class _Run:
 
     @property
     def rejection(self) -> Rejection:
-        return self.s.rejection or self._rejection
+        return self.steerer.rejection or self._rejection
 
     def _plausible(self, token: int, p_logits: np.ndarray) -> bool:
         return self._judge(token, p_logits)[0]
@@ -461,7 +366,7 @@ class _Run:
             if passes(mass[classes[token]]):
                 return True, None
             if rej.fold == "recase":
-                extended, word = self._extension(token, probs)
+                extended, word = extension_mass(self.model, token, probs)
                 if passes(extended):
                     return True, word
             return False, None
@@ -472,57 +377,18 @@ class _Run:
             return float(np.exp(p_logits[token] - p_logits.max())) >= rej.minp, None
         return True, None
 
-    def _extension(self, token: int, probs: np.ndarray) -> tuple[float, int | None]:
-        """The plain probability of the tokens (among the EXTENSION_TOP likeliest) that the
-        tokenizer writes, in lowercase, capitalised or in capitals, starting with `token`, and the
-        likeliest of them: " to" is as plausible as the plain model's " Tokyo", which lowercased
-        is " to" + "ky" + "o", and " REC" as its " recipe" (" REC" + "IPE"); " t" is not."""
-        if not _folded(self.model)[0][token]:
-            return 0.0, None
-        starts = _fold_starts.setdefault(self.model, {})
-        top = np.argpartition(-probs, EXTENSION_TOP)[:EXTENSION_TOP]
-        mass, best = 0.0, None
-        for u in top:
-            u = int(u)
-            if u not in starts:
-                starts[u] = tuple({sp[0] for sp in spellings(self.model, u) if len(sp) > 1})
-            if token in starts[u]:
-                mass += float(probs[u])
-                if best is None or probs[u] > probs[best]:
-                    best = u
-        return mass, best
-
-    def _respelled(self, word: int, full: np.ndarray) -> tuple[int, ...]:
-        """`word` written the way the steered model at full strength writes letters here: in the
-        case pattern (lowercase, capitalised, capitals) its distribution `full` gives the most
-        mass, as one token or in pieces; among spellings of that pattern, or where none has
-        it, the one whose first token `full` likes best."""
-        options = spellings(self.model, word)
-        patterns = case_patterns(self.model)
-        probs = softmax(full)
-        mass = np.bincount(patterns, weights=probs, minlength=5)
-        mass[0] = -1.0
-        mass[ONE_CAPITAL] = max(mass[CAPITAL], mass[UPPER])
-        return max(options, key=lambda sp: (mass[_pattern(self.model.detokenize(sp))], full[sp[0]]))
-
-    def _spelled(self, token: int, logits: np.ndarray) -> int:
-        """The member of `token`'s case class that `logits` like best."""
-        classes = case_classes(self.model)
-        members = np.flatnonzero(classes == classes[token])
-        return int(members[np.argmax(logits[members])])
-
     def _plain_token(self, token: int, p_logits: np.ndarray) -> int:
         """The token the plain context reads for a chosen `token`: itself, or with fold "recase"
         the plain model's likeliest spelling of it."""
-        return self._spelled(token, p_logits) if self.rejection.fold == "recase" else token
+        return spelled(self.model, token, p_logits) if self.rejection.fold == "recase" else token
 
-    def unchecked(self, s_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
+    def unchecked(self, s_logits: np.ndarray, state: _ActiveLayers) -> Iterator[TokenEvent]:
         """Plain steering: no plain model, no rejection."""
         steered = self.steered
         while True:
             state = self._refresh(state)
-            self.s._apply(state.active)
-            status = "steered" if state.active else "unsteered"
+            self.steerer._apply(state.active)
+            status = Status.STEERED if state.active else Status.UNSTEERED
             tok = self.sampling.choose(s_logits, self.step)
             ev = self._event(tok, status, 0, state.active, None, None)
             self.history.append(tok)
@@ -533,7 +399,7 @@ class _Run:
             s_logits = steered.logits()
 
     def _resolve(self, s_logits: np.ndarray, p_logits: np.ndarray,
-                 state: _Weakening) -> tuple[tuple[int, ...], int, str, int, np.ndarray]:
+                 state: _ActiveLayers) -> tuple[tuple[int, ...], int, str, int, np.ndarray]:
         """Choose the token at the current step, weakening steering until it is plausible.
         Returns the tokens written (several only with "recase", for a word written in pieces),
         the token the plain context reads, the status, the rejection rounds and the last
@@ -549,38 +415,38 @@ class _Run:
             if not state.active:
                 break
             # re-evaluate the last position with the weaker steering
-            self.s._apply(state.active)
+            self.steerer._apply(state.active)
             s_logits = self._steered_next(self.history[-1], len(self.history) - 1, redo=True)
             tok = self.sampling.choose(s_logits, step, rounds)
             ok, word = self._judge(tok, p_logits)
         if not state.active:
-            status = "plain" if self.s.layers else "unsteered"
+            status = Status.PLAIN if self.steerer.layers else Status.UNSTEERED
             tok = self.sampling.choose(p_logits, step, 0)
-            if self.rejection.fold == "recase" and self.s.layers:
+            if self.rejection.fold == "recase" and self.steerer.layers:
                 # the plain model's word, in the spelling the vector likes best: one token of its
                 # case class, or pieces (" to" "ky" "o" for " Tokyo") when it has no such token
-                return self._respelled(tok, full), tok, status, rounds, s_logits
+                return respelled(self.model, tok, full), tok, status, rounds, s_logits
             return (tok,), tok, status, rounds, s_logits
-        status = "steered" if rounds == 0 and state.active == state.full else "weakened"
+        status = Status.STEERED if rounds == 0 and state.active == state.full else Status.WEAKENED
         if word is not None:
             # accepted as the first piece of the plain model's `word`: the steered side writes
             # the rest of the word in that spelling, the plain side reads the word once
             written = next(sp for sp in spellings(self.model, word) if sp[0] == tok)
             return written, word, status, rounds, s_logits
-        if status == "weakened" and self.rejection.fold == "recase":
+        if status == Status.WEAKENED and self.rejection.fold == "recase":
             # weakened steering may lose the vector's case: the full-strength vector spells it
-            return self._respelled(tok, full), self._plain_token(tok, p_logits), status, rounds, s_logits
+            return respelled(self.model, tok, full), self._plain_token(tok, p_logits), status, rounds, s_logits
         return (tok,), self._plain_token(tok, p_logits), status, rounds, s_logits
 
-    def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening):
+    def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _ActiveLayers):
         """Resolve one token with rejection, yield its event, and feed it to both contexts.
         Returns the next (steered, plain) logits, or None when the reply is over."""
-        self.s._apply(state.active)
+        self.steerer._apply(state.active)
         written, read, status, rounds, s_logits = self._resolve(s_logits, p_logits, state)
         for i, tok in enumerate(written):
             if i:  # the next piece of a word spelled in several: the steered side reads the last
                 state.after_token()
-                self.s._apply(state.active)
+                self.steerer._apply(state.active)
                 s_logits = self._steered_next(self.history[-1], len(self.history) - 1)
             ev = self._event(tok, status, 0 if i else rounds, state.active, s_logits, None if i else p_logits)
             self.history.append(tok)
@@ -590,7 +456,7 @@ class _Run:
         # the plain context reads the word once, at its own position (see Rejection.fold)
         self.plain_history.append(read)
         state.after_token()
-        self.s._apply(state.active)
+        self.steerer._apply(state.active)
         if self.joint:  # one decode: the steered token as row 0 (steered), the plain one as row 1
             self.steered.decode([written[-1], read], [len(self.history) - 1, len(self.plain_history) - 1],
                                 [0, 1], [True, True])
@@ -607,7 +473,7 @@ class _Run:
         ctx.decode([tok], [pos], [0], [True])
         return ctx.logits()
 
-    def checked(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
+    def checked(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _ActiveLayers) -> Iterator[TokenEvent]:
         """The token-by-token rejection loop (the reference for the drafted one)."""
         while True:
             state = self._refresh(state)
@@ -634,7 +500,7 @@ class _Run:
         plain.decode(toks, range(start, start + len(toks)), [0] * len(toks), [True] * len(toks))
         return plain.logits_rows(len(toks))
 
-    def drafted(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _Weakening) -> Iterator[TokenEvent]:
+    def drafted(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _ActiveLayers) -> Iterator[TokenEvent]:
         """Draft up to `draft` steered tokens, verify them with one batched plain decode."""
         steered, plain = self.steered, self.plain
         while True:
@@ -642,11 +508,11 @@ class _Run:
             # 1. draft on the steered context, as if every token will be accepted
             state = self._refresh(state)
             start = len(self.history)
-            drafts: list[tuple[int, np.ndarray, _Weakening]] = []
+            drafts: list[tuple[int, np.ndarray, _ActiveLayers]] = []
             cur = s_logits
             st = state
             while True:
-                self.s._apply(st.active)
+                self.steerer._apply(st.active)
                 tok = self.sampling.choose(cur, start - self.n_prompt + len(drafts), 0)
                 drafts.append((tok, cur, st.copy()))
                 final = self.model.is_eog(tok) or start - self.n_prompt + len(drafts) >= self.max_tokens
@@ -654,7 +520,7 @@ class _Run:
                     break
                 st = st.copy()
                 st.after_token()
-                self.s._apply(st.active)
+                self.steerer._apply(st.active)
                 steered.decode([tok], [start + len(drafts) - 1], [0], [True])
                 cur = steered.logits()
             # 2. verify the whole run on the plain context in one decode
@@ -665,7 +531,7 @@ class _Run:
             j = 0
             while j < len(drafts) and drafts[j][2].active and self._plausible(drafts[j][0], plain_logits[j]):
                 tok, cur, st = drafts[j]
-                ev = self._event(tok, "steered" if st.active == st.full else "weakened", 0, st.active,
+                ev = self._event(tok, Status.STEERED if st.active == st.full else Status.WEAKENED, 0, st.active,
                                  cur, plain_logits[j])
                 self.history.append(tok)
                 self.plain_history.append(tok)
@@ -676,7 +542,7 @@ class _Run:
             if j == len(drafts):  # all accepted: the last draft is not yet on the steered cache
                 state = drafts[-1][2].copy()
                 state.after_token()
-                self.s._apply(state.active)
+                self.steerer._apply(state.active)
                 steered.decode([toks[-1]], [len(self.history) - 1], [0], [True])
                 s_logits, p_logits = steered.logits(), rows[-1]
                 continue

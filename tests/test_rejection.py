@@ -159,8 +159,8 @@ def test_halving_schedule_drops_half_the_layers_least_important_first(smol, vect
     layers = list(range(6, 14))
     order = [9, 6, 13, 7, 8, 12, 10, 11]  # least important first
     st = Steerer(smol, vector.only_layers(layers), layers, Rejection(topk=1, schedule="halve"), importance=order)
-    from localsteer.steer import _Weakening
-    w = _Weakening(st)
+    from localsteer.steer import _ActiveLayers
+    w = _ActiveLayers(st)
     w.weaken()
     assert w.active == (8, 10, 11, 12)
     w.weaken()

@@ -14,7 +14,8 @@ from localsteer.activations import collect
 from localsteer.extract import suggested_layers
 from localsteer.rewrite import _reply_tokens, extract_rewrite, greedy_replies
 from localsteer.sampling import Sampling
-from localsteer.steer import Rejection, Steerer, case_classes
+from localsteer.casefold import case_classes
+from localsteer.steer import Rejection, Steerer
 from localsteer.vector import ControlVector
 
 ROOT = Path(__file__).parent.parent
@@ -196,7 +197,8 @@ def test_recase_counts_the_pieces_a_lowercase_word_is_split_into(qwen05):
     """Qwen's tokenizer writes " Tokyo" as one token and " tokyo" as " to" + "ky" + "o": when the
     plain model wants " Tokyo", the steered " to" is as plausible to "recase", " t" is not; and
     the same for capitals (" recipe", " RECIPE")."""
-    from localsteer.steer import _Run
+    from localsteer.casefold import extension_mass
+    from localsteer.steer import _ReplyDecoder
 
     tokyo = qwen05.tokenize(" Tokyo", special=False)
     pieces = qwen05.tokenize(" tokyo", special=False)
@@ -205,15 +207,15 @@ def test_recase_counts_the_pieces_a_lowercase_word_is_split_into(qwen05):
     probs = np.full(qwen05.n_vocab, 0.2 / (qwen05.n_vocab - 1))
     probs[tokyo[0]] = 0.8
     st = Steerer(qwen05, None, None, Rejection(fold="recase"), details=False)
-    run = _Run(st, [], Sampling(temperature=0), 1)
-    assert run._extension(pieces[0], probs) == (pytest.approx(0.8, abs=1e-3), tokyo[0])
-    assert run._extension(t[0], probs)[0] < 0.01
+    run = _ReplyDecoder(st, [], Sampling(temperature=0), 1)
+    assert extension_mass(qwen05, pieces[0], probs) == (pytest.approx(0.8, abs=1e-3), tokyo[0])
+    assert extension_mass(qwen05, t[0], probs)[0] < 0.01
     assert run._plausible(pieces[0], np.log(probs))
     recipe = qwen05.tokenize(" recipe", special=False)
     caps = qwen05.tokenize(" RECIPE", special=False)
     assert len(recipe) == 1 and len(caps) > 1
     probs[recipe[0]], probs[tokyo[0]] = 0.8, 0.2 / (qwen05.n_vocab - 1)
-    assert run._extension(caps[0], probs) == (pytest.approx(0.8, abs=1e-3), recipe[0])
+    assert extension_mass(qwen05, caps[0], probs) == (pytest.approx(0.8, abs=1e-3), recipe[0])
 
 
 def test_recase_fallback_spells_a_word_in_pieces_when_its_case_has_no_token(qwen05):
@@ -253,20 +255,18 @@ def test_recase_spells_in_the_case_the_full_vector_writes_letters_in(qwen05):
     but most of the mass is on lowercase tokens, so the word is written " to" "ky" "o"; with the
     mass on capitals, " TOKYO" (in whatever pieces the tokenizer uses); single capital letters
     ("T") count for neither."""
-    from localsteer.steer import CAPITAL, LOWER, ONE_CAPITAL, UPPER, _Run, case_patterns
+    from localsteer.casefold import CAPITAL, LOWER, ONE_CAPITAL, UPPER, case_patterns, respelled
 
     tokyo = qwen05.tokenize(" Tokyo", special=False)[0]
     patterns = case_patterns(qwen05)
     rng = np.random.default_rng(0)
-    st = Steerer(qwen05, None, None, Rejection(fold="recase"), details=False)
-    run = _Run(st, [], Sampling(temperature=0), 1)
 
     def spelled(pattern: int) -> str:
         full = np.full(qwen05.n_vocab, -30.0, dtype=np.float32)
         full[rng.choice(np.flatnonzero(patterns == pattern), 2000, replace=False)] = 4.0
         full[rng.choice(np.flatnonzero(patterns == ONE_CAPITAL), 20, replace=False)] = 4.5
         full[tokyo] = 5.0
-        return qwen05.detokenize(run._respelled(tokyo, full))
+        return qwen05.detokenize(respelled(qwen05, tokyo, full))
 
     assert spelled(LOWER) == " tokyo"
     assert spelled(UPPER) == " TOKYO"

@@ -259,6 +259,23 @@ async def test_strength_change_reaches_the_reply_in_progress(tmp_path):
 
 
 @drive
+async def test_the_chat_and_generate_share_one_reply_loop(smol, tmp_path):
+    """The same greedy reply with rejection, and the same figures: tokens, statuses, acceptance."""
+    app = make_app(tmp_path, vectors=(f"{HAPPY}:4",), reject_topk=1)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await send(pilot, "Hi")
+        await replied(pilot)
+        turn = last_reply(app)
+    steering = api.steering_from_specs(smol, [f"{HAPPY}:4"])
+    run = api.generate(smol, "Hi", steering, sampling=GREEDY, max_tokens=16, n_threads=1,
+                       rejection=api.rejection_config(1))
+    assert turn.stats.text == run.text and turn.stats.tokens == run.tokens
+    assert [e.status for e in turn.stats.events] == [e.status for e in run.events]
+    assert turn.stats.acceptance == run.acceptance == api.acceptance(run.events) < 1.0
+
+
+@drive
 async def test_rejected_tokens_are_styled_and_explained(tmp_path):
     # a strong vector and top-k 1: many steered choices are not the plain model's first choice
     app = make_app(tmp_path, vectors=(f"{HAPPY}:4",), reject_topk=1)

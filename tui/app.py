@@ -228,7 +228,7 @@ class ChatApp(App[None]):
         if msg.elapsed > 0:
             self.status.tokens_per_second = n / msg.elapsed
         if turn.steered:
-            self.status.acceptance = sum(e.status == "steered" for e in turn.events) / n
+            self.status.acceptance = api.acceptance(turn.events)  # as the finished reply counts it
         if self.transcript.selected is None or self.transcript.selected is view:
             self.query_one(TokenDetails).show(turn, n - 1)
 

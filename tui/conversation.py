@@ -7,25 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from localsteer.api import TokenEvent, check_output, write_text
-
-
-@dataclass
-class ReplyStats:
-    n_tokens: int
-    seconds: float
-    steered: int  # tokens with status "steered" (full steering)
-    n_prompt: int
-    stopped: bool = False
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def acceptance(self) -> float:
-        """Share of the reply's tokens taken with full steering."""
-        return self.steered / self.n_tokens if self.n_tokens else 0.0
+from localsteer.api import Reply, TokenEvent, check_output, write_text
 
 
 @dataclass
@@ -38,7 +20,7 @@ class Turn:
     events: list[TokenEvent] = field(default_factory=list)
     eog_index: int | None = None
     applied: list[tuple[int, str]] = field(default_factory=list)  # (first token, description)
-    stats: ReplyStats | None = None
+    stats: Reply | None = None  # the reply loop's own figures (localsteer.api.Reply)
     steered: bool = False  # any steering applied (for the acceptance figure)
 
     @property

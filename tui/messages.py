@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from localsteer.api import TokenEvent
+from localsteer.api import Reply, TokenEvent
 
 from .catalog import VectorEntry
-from .conversation import ReplyStats, Turn
+from .conversation import Turn
 from .mix import Choice
 from .session import Session
 
@@ -48,7 +48,7 @@ class SteeringApplied(Message):
 
 
 class ReplyFinished(Message):
-    def __init__(self, turn: Turn, text: str, stats: ReplyStats):
+    def __init__(self, turn: Turn, text: str, stats: Reply):
         super().__init__()
         self.turn = turn
         self.text = text

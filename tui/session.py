@@ -8,15 +8,13 @@ comes second waits (queues) until the first is done or cancelled.
 from __future__ import annotations
 
 import threading
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 from localsteer import api
-from localsteer.api import (ControlVector, Decision, Gate, Lora, Model, Pair, Sampling, TokenEvent, backend_devices,
-                            importance_order)
+from localsteer.api import (ControlVector, Decision, Gate, Lora, Model, Pair, Reply, Sampling, TokenEvent,
+                            backend_devices, importance_order)
 
-from .conversation import ReplyStats
 from .mix import PLAIN, Choice, Mailbox
 
 Cancelled = Callable[[], bool]
@@ -94,7 +92,7 @@ class Session:
     def reply(self, messages: Sequence[dict], mailbox: Mailbox | Choice, max_tokens: int, sampling: Sampling,
               cancelled: Cancelled, on_token: Callable[[TokenEvent, bool, float], None],
               on_applied: Callable[[int, Choice], None],
-              status: Callable[[str], None] = lambda text: None) -> tuple[str, ReplyStats]:
+              status: Callable[[str], None] = lambda text: None) -> tuple[str, Reply]:
         """Generate a reply to `messages`, steered by the mailbox's latest choice, which may
         change between two tokens. Returns the reply text and its figures."""
         with self.hold(cancelled, lambda: status("waiting for the model…")):
@@ -112,35 +110,23 @@ class Session:
             if gate.decision is not None:
                 notes.append(gate.decision.describe())
             status("; ".join(notes))
-            tokens: list[int] = []
-            steered = 0
-            stopped = False
-            t0 = time.perf_counter()
-            events = self.steerer.generate(prompt, max_tokens, sampling)
-            try:
-                for ev in events:
-                    eog = self.model.is_eog(ev.token)
-                    tokens.append(ev.token)
-                    steered += ev.status == "steered"
-                    on_token(ev, eog, time.perf_counter() - t0)
-                    if cancelled():
-                        stopped = not eog
-                        break
-                    change = box.newer(version)
-                    if change:
-                        # between two tokens: the next one is chosen with the new mix; layer
-                        # importance stays the one ranked for the reply's first mix
-                        version, choice = change
-                        choice = gate.effective(choice)
-                        if gate.decision is not None:
-                            status(gate.decision.describe())
-                        self._configure(choice, importance)
-                        on_applied(ev.index + 1, choice)
-            finally:
-                events.close()
-            seconds = time.perf_counter() - t0
-            text = self.model.detokenize([t for t in tokens if not self.model.is_eog(t)])
-            return text, ReplyStats(len(tokens), seconds, steered, len(prompt), stopped)
+            latest = {"version": version}
+
+            def between(ev: TokenEvent) -> None:
+                change = box.newer(latest["version"])
+                if change:
+                    # between two tokens: the next one is chosen with the new mix; layer
+                    # importance stays the one ranked for the reply's first mix
+                    latest["version"], new = change
+                    new = gate.effective(new)
+                    if gate.decision is not None:
+                        status(gate.decision.describe())
+                    self._configure(new, importance)
+                    on_applied(ev.index + 1, new)
+
+            reply = api.run_reply(self.steerer, prompt, max_tokens, sampling, on_token=on_token, cancelled=cancelled,
+                                  between=between)
+            return reply.text, reply
 
     def _configure(self, choice: Choice, importance: list[int] | None) -> None:
         s = choice.steering

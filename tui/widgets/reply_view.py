@@ -11,9 +11,11 @@ from textual.reactive import reactive
 from textual.style import Style
 from textual.widget import Widget
 
+from localsteer.api import Status
+
 from ..conversation import Turn
 
-STATUSES = ("steered", "weakened", "plain", "unsteered")
+STATUSES = tuple(s.value for s in Status)  # steered, weakened, plain, unsteered
 
 
 class ReplyView(Widget):

@@ -8,12 +8,13 @@ import json
 from textual.content import Content
 from textual.widgets import Static
 
-from localsteer.api import format_layers
+from localsteer.api import Status, format_layers
 
 from ..conversation import Turn
 
 HINT = "click a token (or ←/→ in the transcript) to see how it was chosen"
-_STATUS_STYLE = {"steered": "$success", "weakened": "$warning", "plain": "$error", "unsteered": "$text-muted"}
+_STATUS_STYLE = {Status.STEERED: "$success", Status.WEAKENED: "$warning", Status.PLAIN: "$error",
+                 Status.UNSTEERED: "$text-muted"}
 
 
 def _quoted(text: str) -> str:
