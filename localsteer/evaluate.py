@@ -207,7 +207,7 @@ def instruction_vector(model: Model, model_name: str, itype: str, datasets: Path
     """The shipped instruction vector for (model, type), else one extracted now and cached."""
     from .instruction import extract_instruction
 
-    for path in (vectors / model_name / "instructions" / f"{itype}.gguf", cache / model_name / f"{itype}.gguf"):
+    for path in (vectors / model_name / f"{itype}.gguf", cache / model_name / f"{itype}.gguf"):
         if path.is_file():
             return ControlVector.load(path)
     items = verify.load_instruction_set(datasets / "instructions" / f"{itype}.jsonl")

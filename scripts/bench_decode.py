@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     model = api.load_model(args.model)
-    steering = api.steering_from_specs(model, [f"{ROOT}/vectors/{args.model}/uppercase.gguf"])
+    steering = api.steering_from_specs(model, [f"{ROOT}/vectors/{args.model}/uppercase-mean.gguf"])
     vec, layers = steering.vector, list(steering.layers)
     prompt = api.chat_prompt(model, PROMPT)
     plain = Steerer(model, details=False)
@@ -49,7 +49,7 @@ def main() -> None:
         speeds["plain"].append(gen_speed(plain, prompt, args.tokens))
         speeds["steered"].append(gen_speed(steered, prompt, args.tokens))
     p, s = statistics.median(speeds["plain"]), statistics.median(speeds["steered"])
-    print(f"model {args.model}, {args.tokens} tokens greedy, shipped uppercase vector on layers "
+    print(f"model {args.model}, {args.tokens} tokens greedy, shipped uppercase-mean vector on layers "
           f"{layers[0]}-{layers[-1]}, "
           f"median of {args.repeats}")
     print(f"{'plain tok/s':>12}{'steered tok/s':>15}{'ratio':>8}")

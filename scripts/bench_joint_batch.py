@@ -46,7 +46,7 @@ def main() -> None:
 
     root = Path(__file__).parent.parent
     path = resolve_model(args.model)
-    vec_path = args.vector or root / "vectors" / args.model / "instructions" / "lowercase.gguf"
+    vec_path = args.vector or root / "vectors" / args.model / "lowercase.gguf"
     model = Model(path)
     vector = ControlVector.load(vec_path).fit(model.arch, model.n_layer, model.n_embd)
     layers = vector.layers

@@ -117,13 +117,13 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="vector scale (1: the suggested strength)")
     args = ap.parse_args()
     print(f"{default_threads()} threads; {args.tokens} tokens greedy; reject top-k {args.topk}, draft {args.draft}; "
-          f"shipped uppercase vector at scale {args.scale:g} on its suggested layers")
+          f"shipped uppercase-mean vector at scale {args.scale:g} on its suggested layers")
     print(f"{'model':<30}{'llama-cpp':>10}{'plain':>14}{'steered':>14}{'naive':>14}{'drafted':>14}{'joint':>14}"
           f"{'accepted':>10}")
     for name in args.models.split(","):
         path = models.resolve(name)
         model = api.load_model(str(path))
-        steering = api.steering_from_specs(model, [f"{ROOT}/vectors/{name}/uppercase.gguf:{args.scale}"])
+        steering = api.steering_from_specs(model, [f"{ROOT}/vectors/{name}/uppercase-mean.gguf:{args.scale}"])
         vec, layers = steering.vector, list(steering.layers)
         order = importance_order(model, vec, layers, models.quick_fingerprint(path))
         prompt_text = model.apply_chat_template([{"role": "user", "content": PROMPT}])

@@ -2,7 +2,7 @@
 rejection (exact or case-folded plausibility): pass / fluent counts and two samples.
 
     .venv/bin/python scripts/case_fold_check.py qwen2.5-coder-0.5b-instruct lowercase \\
-        vectors/qwen2.5-coder-0.5b-instruct/instructions/lowercase.gguf \\
+        vectors/qwen2.5-coder-0.5b-instruct/lowercase.gguf \\
         '[[4,0],[4,20,0,"none"],[4,20,0,"case"]]' [validation|test]
 
 Each config is [scale, top-k (0: no rejection), min-p, fold].

@@ -77,7 +77,7 @@ def main() -> None:
 def vector_path(spec: str, name: str) -> Path:
     """A vector file, or the shipped instruction vector of that type for the model."""
     path = Path(spec)
-    return path if path.is_file() else ROOT / "vectors" / name / "instructions" / f"{spec}.gguf"
+    return path if path.is_file() else ROOT / "vectors" / name / f"{spec}.gguf"
 
 
 def steered_replies(model, name: str, items, args, base: float) -> None:

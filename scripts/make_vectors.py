@@ -1,6 +1,8 @@
-"""Extract the vectors shipped in vectors/<model>/ from the datasets in vectors/datasets/,
+"""Extract the difference-of-means vectors shipped in vectors/<model>/ (happy-sad.gguf, and
+lowercase-mean.gguf and uppercase-mean.gguf, named for their method: the shipped lowercase.gguf and
+uppercase.gguf are the rewrite vectors, which work better) from the datasets in vectors/datasets/,
 and print a greedy sample (plain, and steered at the suggested scale and its negative) for each.
-With --instructions, the instruction vectors in vectors/<model>/instructions/ instead: lowercase and
+With --instructions, the instruction vectors in vectors/<model>/<type>.gguf instead: lowercase and
 uppercase as rewrite-contrast vectors (localsteer/rewrite.py; strength chosen on the validation split),
 the other types as Stolfo instruction vectors (one layer chosen on the validation split); prints the
 validation accuracy per candidate.
@@ -22,6 +24,7 @@ from localsteer import api  # noqa: E402
 
 DATASETS = {"happy-sad": "How was your weekend?", "uppercase": "Describe the ocean.",
             "lowercase": "Describe the ocean."}
+OUT_NAME = {"happy-sad": "happy-sad", "uppercase": "uppercase-mean", "lowercase": "lowercase-mean"}
 REWRITE = {"lowercase": "lower", "uppercase": "upper"}
 MODELS = "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct"
 
@@ -42,7 +45,7 @@ def main() -> None:
         for name in args.models.split(","):
             model = api.load_model(name)
             for itype in args.types.split(","):
-                out = ROOT / "vectors" / name / "instructions" / f"{itype}.gguf"
+                out = ROOT / "vectors" / name / f"{itype}.gguf"
                 if out.exists() and not args.force:
                     continue
                 dataset = ROOT / "vectors" / "datasets" / "instructions" / f"{itype}.jsonl"
@@ -63,7 +66,7 @@ def main() -> None:
     for name in args.models.split(","):
         model = api.load_model(name)
         for ds, prompt in DATASETS.items():
-            out = ROOT / "vectors" / name / f"{ds}.gguf"
+            out = ROOT / "vectors" / name / f"{OUT_NAME[ds]}.gguf"
             if out.exists() and not args.force:
                 vec = api.load_vector(out)
             else:

@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "rejection.md"))
     args = ap.parse_args()
     model = api.load_model(MODEL)
-    vec_path = ROOT / "vectors" / MODEL / "uppercase.gguf"
+    vec_path = ROOT / "vectors" / MODEL / "uppercase-mean.gguf"
     steer = api.steering_from_specs(model, [f"{vec_path}:{args.scale}"])
     variants = [("plain", None, None), ("steered", steer, None)]
     for k in (5, 20, 50):

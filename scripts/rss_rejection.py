@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 def child(model_name: str, mode: str) -> None:
     from localsteer import api
     model = api.load_model(model_name)
-    steering = api.steering_from_specs(model, [f"{ROOT}/vectors/{model_name}/uppercase.gguf"])
+    steering = api.steering_from_specs(model, [f"{ROOT}/vectors/{model_name}/uppercase-mean.gguf"])
     rej = api.rejection_config(20, loop=mode) if mode in ("joint", "drafted") else None
     api.generate(model, "Write a story about a storm.", steering if mode != "plain" else api.Steering(None, ()),
                  sampling=api.sampling_config(temperature=0), max_tokens=64, rejection=rej)

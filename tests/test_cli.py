@@ -50,6 +50,12 @@ def test_models_list():
     assert "present" in out
 
 
+def test_inspect_shows_what_a_shipped_vector_was_measured_to_do():
+    out = ls("inspect", ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "lowercase.gguf").stdout
+    assert "method:           rewrite-lower" in out
+    assert "measured:         eval grid" in out and "92% of replies follow 'lowercase'" in out
+
+
 def test_inspect(vector_file):
     out = ls("inspect", vector_file).stdout
     assert "arch hint:        llama" in out and "n_embd:           576" in out

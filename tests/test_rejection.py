@@ -145,7 +145,7 @@ def test_sensitivity_ranking_is_stable_and_cached(smol, smol_path, vector, monke
 @pytest.mark.parametrize("schedule", ["halve", "one"])
 def test_drafted_equals_token_by_token_on_qwen(qwen05, schedule):
     # Q4_K weights are repacked for llama.cpp's batched kernels: the case where batch size matters
-    vec = api.load_vector(Path(__file__).parent.parent / "vectors" / "qwen2.5-coder-0.5b-instruct" / "uppercase.gguf")
+    vec = api.load_vector(Path(__file__).parent.parent / "vectors" / "qwen2.5-coder-0.5b-instruct" / "uppercase-mean.gguf")
     layers = list(vec.suggested_layers)
     st = Steerer(qwen05, vec.only_layers(layers) * 2.0, layers, Rejection(topk=10, schedule=schedule, loop="drafted"),
                  importance=layers)

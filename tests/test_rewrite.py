@@ -86,7 +86,7 @@ def test_shipped_lowercase_vector_steers_and_survives_folded_rejection(qwen05):
     """Qwen2.5-Coder-0.5B does not write in lowercase when asked; the shipped rewrite vector makes
     it. Exact plausibility rejects every lowercase start (the plain model never chooses one), so
     rejection undoes the effect; plausibility up to case keeps it."""
-    vec = ControlVector.load(ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "instructions" / "lowercase.gguf")
+    vec = ControlVector.load(ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "lowercase.gguf")
     layers = list(vec.layers)
     prompts = [qwen05.user_prompt(it["prompt"]) for it in verify.split(LOWER, "test")[:2]]
     greedy = Sampling(temperature=0)
@@ -110,7 +110,7 @@ def test_recase_lets_the_plain_model_read_the_reply_in_its_own_casing(smol):
     """fold="recase": the plain context reads each accepted token as the member of its case class
     it finds most likely. Recomputed here from scratch: at every step the event's plain
     probability is the plain model's, given the prompt and the reply recased so far."""
-    vec = ControlVector.load(ROOT / "vectors" / "smollm2-135m-instruct" / "instructions" / "lowercase.gguf")
+    vec = ControlVector.load(ROOT / "vectors" / "smollm2-135m-instruct" / "lowercase.gguf")
     layers = list(vec.layers)
     prompt = smol.user_prompt("What is the capital of France?")
     greedy = Sampling(temperature=0)
@@ -163,7 +163,7 @@ def test_recase_falls_back_to_the_plain_word_in_the_vectors_spelling(smol):
     in another case than the plain model's own (" Mercury" written " mercury", " Marie" as
     " mar" + "ie"). With "case" a fallback is the plain token itself. And a steered word piece
     accepted as the start of the plain model's word is completed in its spelling."""
-    vec = ControlVector.load(ROOT / "vectors" / "smollm2-135m-instruct" / "instructions" / "lowercase.gguf")
+    vec = ControlVector.load(ROOT / "vectors" / "smollm2-135m-instruct" / "lowercase.gguf")
     layers = list(vec.layers)
     respelled = 0
     for rejection in (Rejection(topk=1, fold="recase"), Rejection(topk=1, fold="case")):
@@ -223,7 +223,7 @@ def test_recase_fallback_spells_a_word_in_pieces_when_its_case_has_no_token(qwen
     spelling takes several tokens (Qwen: " butter" is one token, " BUTTER" is " BUT" + "TER"): the
     steered side writes the pieces, the plain side reads its own word once. Every fallback word,
     its pieces joined, is the plain model's choice up to case."""
-    vec = ControlVector.load(ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "instructions" / "uppercase.gguf")
+    vec = ControlVector.load(ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct" / "uppercase.gguf")
     layers = list(vec.layers)
     st = Steerer(qwen05, vec, layers, Rejection(topk=1, fold="recase"), layers, details=True)
     try:

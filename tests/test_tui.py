@@ -209,6 +209,8 @@ async def test_toggle_a_vector(smol, tmp_path):
         await loaded(pilot)
         names = [r.entry.name for r in app.panel.rows]
         assert {"happy-sad", "lowercase", "uppercase"} <= set(names)
+        # one vector per behaviour, and what it was measured to do in its tooltip
+        assert "measured: eval grid" in str(row(app, "lowercase").query_one(OnOff).tooltip)
         assert app.choice.steering.vector is None
         await pilot.click(row(app, "happy-sad").query_one(OnOff))  # the mouse switches it on
         await pilot.pause()
@@ -655,7 +657,7 @@ def test_snapshot_extract_dialog(tmp_path, monkeypatch, snap_compare):
 
 def test_mix_rejection_is_case_folded_for_case_rewrite_vectors(smol):
     from localsteer_tui.mix import MixSettings, choose
-    rewrite = REPO / "vectors" / "smollm2-135m-instruct" / "instructions" / "lowercase.gguf"
+    rewrite = REPO / "vectors" / "smollm2-135m-instruct" / "lowercase.gguf"
     happy = SMOL_VECTORS / "happy-sad.gguf"
     folded = choose(smol, MixSettings(parts=((rewrite, 1.0),), reject=True))
     assert folded.rejection.fold == "case" and "up to case" in folded.describe()

@@ -44,7 +44,7 @@ def test_a_sum_with_a_case_rewrite_in_it_asks_for_the_case_fold():
 
 def test_fold_for_turns_the_case_fold_on_when_any_vector_asks():
     from localsteer.api import fold_for
-    vectors = f"{Path(__file__).parent.parent}/vectors/qwen2.5-coder-0.5b-instruct/instructions/"
+    vectors = f"{Path(__file__).parent.parent}/vectors/qwen2.5-coder-0.5b-instruct/"
     assert fold_for([vectors + "lowercase.gguf"]) == "case"
     assert fold_for([vectors + "lowercase.gguf", vectors + "exclude_word.gguf:2"]) == "case"
     assert fold_for([vectors + "exclude_word.gguf"]) == "none"

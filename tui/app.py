@@ -134,8 +134,8 @@ class ChatApp(App[None]):
                 return format_layers(parse_layers(self.options.layers, n_layer))
             except LocalsteerError as e:
                 self.notify(f"{e}; using the vectors' suggested layers", severity="error", markup=False)
-        for e in entries:
-            if e.fits and e.suggested_layers:
+        for e in entries:  # the vectors switched on at the start, else the model's usual band
+            if e.enabled and e.fits and e.suggested_layers:
                 return format_layers(e.suggested_layers)
         return format_layers(suggested_layers(n_layer))
 

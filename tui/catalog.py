@@ -22,6 +22,7 @@ class VectorEntry:
     enabled: bool = False
     problem: str = ""  # why it does not fit the model ("" when it does)
     suggested_layers: tuple[int, ...] | None = None
+    measured: str = ""  # what the vector was measured to do (its `localsteer.measured` metadata)
 
     @property
     def fits(self) -> bool:
@@ -38,7 +39,7 @@ def entry(model: Model, path: Path, origin: str, scale: float | None = None,
     except LocalsteerError as e:
         problem = str(e)
     return VectorEntry(path, path.stem, origin, vector.suggested_scale if scale is None else scale,
-                       enabled and not problem, problem, vector.suggested_layers)
+                       enabled and not problem, problem, vector.suggested_layers, str(vector.meta.get("measured", "")))
 
 
 def discover(model: Model, model_name: str, specs: Sequence[str], shipped_dir: Path,

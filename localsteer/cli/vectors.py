@@ -92,7 +92,7 @@ def inspect(vector: Path) -> None:
     click.echo(f"layers:           {format_layers(v.layers) or '(all zero)'} of {v.n_layer}")
     click.echo(f"n_embd:           {v.n_embd}")
     for key in ("method", "model_name", "model_sha256", "dataset", "n_pairs", "prescale", "scale",
-                "layers", "benign_kl", "benign_kl_scale", "benign_kl_model"):
+                "layers", "benign_kl", "benign_kl_scale", "benign_kl_model", "measured"):
         if key in v.meta:
             label = {"layers": "suggested layers", "scale": "suggested scale"}.get(key, key)
             value = v.meta[key]

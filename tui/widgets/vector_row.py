@@ -33,7 +33,8 @@ class VectorRow(Horizontal):
 
     def compose(self) -> ComposeResult:
         e = self.entry
-        tip = f"{e.path}\n({e.origin})" + (f"\ndoes not fit: {e.problem}" if e.problem else "")
+        tip = (f"{e.path}\n({e.origin})" + (f"\nmeasured: {e.measured}" if e.measured else "")
+               + (f"\ndoes not fit: {e.problem}" if e.problem else ""))
         switch = OnOff(Content(e.name), e.enabled, disabled=not e.fits)
         switch.tooltip = tip
         yield switch
