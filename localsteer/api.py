@@ -17,7 +17,7 @@ from .dataset import Pair, same_sides
 from .dataset import load_pairs as _load_pairs
 from .errors import (ContextError, DatasetError, LayerRangeError, LocalsteerError, ModelError, OutputError,
                      OutputExistsError, ProbeError, PullError, VectorError)
-from .evaluate import CONDITIONS as EVAL_CONDITIONS
+from .eval.grid import CONDITIONS as EVAL_CONDITIONS
 from .extract import ExtractResult, suggested_layers
 from .extract import extract as _extract
 from .fileio import check_finite_tensors, check_output, write_text
@@ -77,7 +77,7 @@ def extract_instruction_vector(model: Model, dataset: str | os.PathLike,
                                progress: Progress | None = None):
     """An instruction vector from a `vectors/datasets/instructions/*.jsonl` file (train split),
     its layer chosen on the validation split with the file's checker."""
-    from . import verify
+    from .eval import verify
     from .instruction import extract_instruction
 
     items = verify.load_instruction_set(dataset)
@@ -233,7 +233,7 @@ def extract_rewrite_vector(model: Model, dataset: str | os.PathLike, rewrite: st
     """A rewrite-contrast vector (rewrite.py) from the prompts of an instruction dataset
     (`vectors/datasets/instructions/*.jsonl`): train split for the vector, validation split and
     the file's checker for the strength."""
-    from . import verify
+    from .eval import verify
     from .rewrite import extract_rewrite
 
     items = verify.load_instruction_set(dataset)
@@ -422,7 +422,7 @@ def load_gate(model: Model, path: str | os.PathLike) -> Gate:
 def check_eval_settings(out_dir: str | os.PathLike, settings: dict) -> None:
     """A ValueError if `out_dir` holds results made with other settings (a rerun resumes them)."""
     import json
-    from .evaluate import check_settings
+    from .eval.grid import check_settings
     path = Path(out_dir) / "results.json"
     try:
         old = json.loads(path.read_text()).get("settings", {}) if path.is_file() else {}
@@ -439,8 +439,8 @@ def evaluate(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
              datasets: str | os.PathLike = shipped.datasets(),
              vectors: str | os.PathLike = shipped.root(), oversteer: float | None = None,
              conditions: Sequence[str] | None = None, minp: float = 0.0, fold: str = "auto"):
-    """The `localsteer eval` grid (see localsteer/evaluate.py)."""
-    from .evaluate import CONDITIONS, OVERSTEER, run_grid
+    """The `localsteer eval` grid (see localsteer/eval/grid.py)."""
+    from .eval.grid import CONDITIONS, OVERSTEER, run_grid
     return run_grid(models, types, Path(out_dir), Path(datasets), Path(vectors), limit=limit,
                     max_tokens=max_tokens, topk=topk, compose=compose, log=log,
                     oversteer=OVERSTEER if oversteer is None else oversteer,
@@ -470,7 +470,7 @@ def refusal_table(model: Model, dataset_dir: str | os.PathLike, directory: str |
     """Refusal rates, harmless KL, perplexity and speed of every intervention in `directory` (what
     `refusal_direction` wrote), as Markdown; `log` receives the table's rows as they come."""
     from . import refusal as rf
-    from . import refusal_table as rt
+    from .refusal import table as rt
     sets = rf.load_sets(dataset_dir)
     directory = Path(directory)
     missing = [f for k, f in rf.FILES.items() if k != "selection" and not (directory / f).is_file()]

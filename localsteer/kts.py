@@ -13,7 +13,7 @@ inside its functions.
   left alone: llama.cpp's converter permutes their rows for some architectures.
 - Data: chat-templated benign prompts with the plain model's greedy reply; loss: KL(plain ‖
   steered + LoRA) of the next-token distributions over every position, Adam.
-- Export: a GGUF LoRA in llama.cpp's layout (see lora.py): `blk.N.attn_v.weight.lora_a` (r, n_in)
+- Export: a GGUF LoRA in llama.cpp's layout (see refusal/lora.py): `blk.N.attn_v.weight.lora_a` (r, n_in)
   and `.lora_b` (n_out, r), float16, alpha = r so the adapter's scale is the LoRA's.
 """
 

@@ -1,6 +1,6 @@
 """Linear classifiers on activations, in numpy: L2-regularised logistic regression fitted with
 Newton steps, and INLP (Ravfogel et al. 2020: iterative nullspace projection) built on it. Used by
-the refusal interventions (refusal.py) and by probes (probe.py)."""
+the refusal interventions (refusal/direction.py) and by probes (probe.py)."""
 
 from __future__ import annotations
 

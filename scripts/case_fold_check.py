@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from localsteer import models, verify  # noqa: E402
-from localsteer.evaluate import score_replies  # noqa: E402
+from localsteer.eval.grid import score_replies  # noqa: E402
 from localsteer.importance import importance_order  # noqa: E402
 from localsteer.runtime import Model  # noqa: E402
 from localsteer.steer import Rejection, Steerer  # noqa: E402

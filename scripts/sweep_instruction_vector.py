@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from localsteer import models, verify  # noqa: E402
 from localsteer.activations import collect  # noqa: E402
-from localsteer.evaluate import score_replies  # noqa: E402
+from localsteer.eval.grid import score_replies  # noqa: E402
 from localsteer.instruction import ALL_POSITIONS  # noqa: E402
 from localsteer.runtime import Model  # noqa: E402
 from localsteer.steer import Steerer  # noqa: E402

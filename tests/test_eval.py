@@ -62,7 +62,7 @@ def test_eval_rejects_unknown_types(tmp_path):
 
 @pytest.mark.nomodel
 def test_settings_check_lets_new_grids_and_older_files_through():
-    from localsteer.evaluate import check_settings
+    from localsteer.eval.grid import check_settings
     new = {"max_tokens": 32, "reject_topk": 20, "reject_minp": 0.1}
     check_settings({}, new, ROOT)  # nothing finished yet
     check_settings({"max_tokens": 32, "reject_topk": 20}, {**new, "reject_minp": 0.0}, ROOT)  # older file: min-p 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from localsteer.errors import ModelError, OutputExistsError
-from localsteer.lora import (Weights, ablate, adapter_directions, adapter_tensors, orthonormal,
+from localsteer.refusal.lora import (Weights, ablate, adapter_directions, adapter_tensors, orthonormal,
                              residual_writers, write_adapter)
 from localsteer.runtime import Capture, Lora
 

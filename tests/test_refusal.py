@@ -127,7 +127,7 @@ def test_refusal_cli_errors_are_one_line(tmp_path):
 
 def test_candidate_scores_are_cached_reused_and_keyed(smol, tmp_path, monkeypatch):
     from localsteer.errors import DatasetError
-    from localsteer.lora import residual_writers
+    from localsteer.refusal.lora import residual_writers
 
     splits = ("train", "validation")
     sets = rf.RefusalSets({s: SETS.harmful[s][:3] for s in splits}, {s: SETS.harmless[s][:3] for s in splits})

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localsteer import verify
+from localsteer.eval import verify
 from localsteer.activations import collect
 from localsteer.extract import suggested_layers
 from localsteer.rewrite import _reply_tokens, extract_rewrite, greedy_replies

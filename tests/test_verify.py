@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from localsteer import verify
+from localsteer.eval import verify
 from localsteer.errors import DatasetError
 
 pytestmark = pytest.mark.nomodel  # no model, no llama.cpp: `pytest -m nomodel` runs these in seconds

@@ -32,8 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from .fileio import add_gguf_value, check_output, write_gguf
-from .errors import ModelError, VectorError
+from ..fileio import add_gguf_value, check_output, write_gguf
+from ..errors import ModelError, VectorError
 
 POST_NORM_ARCHS = ("gemma2", "gemma3", "gemma3n", "olmo2", "cohere2")
 _TARGET = re.compile(r"^(token_embd|blk\.\d+\.attn_output|blk\.\d+\.ffn_down)\.weight$")

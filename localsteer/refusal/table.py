@@ -11,10 +11,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .activations import Progress
-from .errors import DatasetError
-from .refusal import FILES, REFUSAL_CHARS, RefusalSets, Scorer, generate_replies, is_refusal, kl_rows
-from .runtime import Lora, Model
+from ..activations import Progress
+from ..errors import DatasetError
+from .direction import FILES, REFUSAL_CHARS, RefusalSets, Scorer, generate_replies, is_refusal, kl_rows
+from ..runtime import Lora, Model
 
 
 NEUTRAL_TEXT = (
@@ -87,7 +87,7 @@ def table(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, split: st
           max_tokens: int = 24, limit: int | None = None, log: Callable[[str], None] = lambda s: None,
           progress: Progress | None = None) -> list[Row]:
     """The comparison table on `split`, from the files `build` wrote."""
-    from .vector import ControlVector
+    from ..vector import ControlVector
 
     out = Path(out_dir)
     for key in ("addition", "ablation", "inlp-project", "inlp-flip", "inlp1-project", "inlp1-flip", "random"):
@@ -140,7 +140,7 @@ def table_markdown(model: Model, rows: Sequence[Row], split: str, n_harmful: int
                    max_tokens: int) -> str:
     lines = [f"## {model.info.name}", "",
              f"{split} split: {n_harmful} harmful, {n_harmless} harmless requests; greedy replies of {max_tokens} "
-             "tokens; refusal = a refusal phrase (localsteer/refusal.py `PHRASES`) in the first "
+             "tokens; refusal = a refusal phrase (localsteer/refusal/direction.py `PHRASES`) in the first "
              f"{REFUSAL_CHARS} characters; KL(plain ‖ intervention) of the first reply token on the harmless "
              "prompts; perplexity of a neutral paragraph.", "", TABLE_HEAD, *[r.cells() for r in rows], "",
              "First reply to the first harmless request (replies to harmful requests are not kept: no "

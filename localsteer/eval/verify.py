@@ -44,8 +44,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Iterable
 
-from .dataset import read_jsonl
-from .errors import DatasetError
+from ..dataset import read_jsonl
+from ..errors import DatasetError
 
 SPLITS = ("train", "validation", "test")
 

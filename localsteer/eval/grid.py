@@ -29,15 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .fileio import write_atomic, write_text
+from ..fileio import write_atomic, write_text
 from . import verify
-from .dataset import Pair, load_split_prompts
-from .measure import FLUENT_PPL, BenignKL, perplexity
-from .runtime import Model
-from .reply import run as run_reply
-from .sampling import Sampling
-from .steer import Rejection, Steerer
-from .vector import ControlVector
+from ..dataset import Pair, load_split_prompts
+from ..measure import FLUENT_PPL, BenignKL, perplexity
+from ..runtime import Model
+from ..reply import run as run_reply
+from ..sampling import Sampling
+from ..steer import Rejection, Steerer
+from ..vector import ControlVector
 
 CONDITIONS = ("plain", "steer", "instr", "instr+steer", "steer+rej", "instr+steer+rej", "over", "over+rej")
 OVERSTEER = 4.0
@@ -205,7 +205,7 @@ Progress = Callable[[str], None]
 def instruction_vector(model: Model, model_name: str, itype: str, datasets: Path, vectors: Path,
                        cache: Path, model_sha256: str = "") -> ControlVector:
     """The shipped instruction vector for (model, type), else one extracted now and cached."""
-    from .instruction import extract_instruction
+    from ..instruction import extract_instruction
 
     for path in (vectors / model_name / f"{itype}.gguf", cache / model_name / f"{itype}.gguf"):
         if path.is_file():
@@ -241,8 +241,8 @@ def run_grid(models: Sequence[tuple[str, Model]], types: Sequence[str], out_dir:
              oversteer: float = OVERSTEER, conditions: Sequence[str] = CONDITIONS, minp: float = 0.0,
              fold: str = "auto") -> Results:
     """The whole grid; returns the results (also in out_dir/results.json and results.md)."""
-    from .importance import importance_order
-    from .models import quick_fingerprint
+    from ..importance import importance_order
+    from ..models import quick_fingerprint
 
     results = Results(out_dir / "results.json")
     settings = {"max_tokens": max_tokens, "task_tokens": min(max_tokens, TASK_TOKENS), "reject_topk": topk,

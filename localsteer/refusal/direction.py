@@ -11,7 +11,7 @@
   tokens that open a refusal ("I'm sorry…", "I can't…", "Sorry…", "As an AI…").
 - Final scoring of generated replies: `is_refusal`, substring match of `PHRASES`.
 - `build` writes the interventions (addition vector; ablation, INLP and random-direction adapters);
-  refusal_table.py measures them.
+  table.py measures them.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .activations import Progress, collect
-from .dataset import load_split_prompts
-from .errors import DatasetError
-from .fileio import write_text
-from .linear import inlp
+from ..activations import Progress, collect
+from ..dataset import load_split_prompts
+from ..errors import DatasetError
+from ..fileio import write_text
+from ..linear import inlp
 from .lora import Weights, write_adapter
-from .measure import kl_divergence
-from .runtime import Lora, Model
-from .sampling import softmax
+from ..measure import kl_divergence
+from ..runtime import Lora, Model
+from ..sampling import softmax
 
 # Phrases that mark a refusal when they occur in the first `REFUSAL_CHARS` characters of a reply,
 # compared case-insensitively (Arditi et al.'s list, trimmed to what small chat models say).
@@ -278,13 +278,13 @@ def generate_replies(model: Model, prompts: Sequence[str], max_tokens: int = 32,
                      loras: Sequence[tuple[Lora, float]] = (),
                      tick: Callable[[], None] = lambda: None) -> tuple[list[str], float]:
     """Greedy replies under a control vector and/or adapters; returns them and tokens/s."""
-    from .sampling import Sampling
-    from .steer import Steerer
+    from ..sampling import Sampling
+    from ..steer import Steerer
 
     vec = None
     layers = None
     if control is not None:
-        from .vector import ControlVector
+        from ..vector import ControlVector
         vec = ControlVector(control[0], model.arch)
         layers = list(control[1])
     st = Steerer(model, vec, layers, details=False, adapters=loras)
@@ -344,9 +344,9 @@ def build(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, model_sha
     """Select the refusal direction and write every intervention into `out_dir` (see FILES). The
     candidate scores are kept in `out_dir`/candidates.json and reused by a rerun on the same model and
     datasets (e.g. with another `kl_max`)."""
-    from .fileio import check_output
+    from ..fileio import check_output
     from .lora import residual_writers
-    from .vector import ControlVector
+    from ..vector import ControlVector
 
     out = Path(out_dir)
     for f in FILES.values():
