@@ -141,8 +141,13 @@ def test_candidate_scores_are_cached_reused_and_keyed(smol, tmp_path, monkeypatc
     def scores(sel):
         return [(c.layer, c.position, c.induce, c.ablate, c.kl, c.why) for c in sel.candidates]
 
+    import tempfile
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     first = select(kl_max=100.0)
     assert sum(not np.isnan(c.kl) for c in first.candidates) == 2  # the two best inducers were ablated
+    assert list(scratch.iterdir()) == []  # the candidates' scratch adapters are gone
     # a rerun reads every score from the file: llama.cpp is not asked for a single distribution
     monkeypatch.setattr(rf.Scorer, "last_logits", lambda *a, **k: pytest.fail("a cached score was recomputed"))
     again = select(kl_max=100.0)

@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -238,22 +239,24 @@ def select_direction(model: Model, weights: Weights, sets: RefusalSets, kl_max: 
         if progress:
             progress(done, total)
     ranked = sorted(cands, key=lambda c: -c.induce)
-    tmpdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="localsteer-refusal-"))
-    tmpdir.mkdir(parents=True, exist_ok=True)
-    for c in ranked[:top]:
-        name = f"{c.layer}/{c.position}"
-        if "kl" not in cache.get(name):
-            path = write_adapter(tmpdir / "candidate.gguf", weights, r_all[c.position, c.layer], force=True)
-            lora = Lora(model, path)
-            try:
-                cache.put(name, ablate=scorer.score(scorer.last_logits(val_h, lora=(lora, 1.0))),
-                          kl=kl_rows(plain_harmless(), scorer.last_logits(val_b, lora=(lora, 1.0))))
-            finally:
-                lora.close()
-        c.ablate, c.kl = cache.get(name)["ablate"], cache.get(name)["kl"]
-        done += 1
-        if progress:
-            progress(done, total)
+    # the candidate adapters are written one at a time to a scratch file, removed on any exit
+    with (nullcontext(workdir) if workdir else tempfile.TemporaryDirectory(prefix="localsteer-refusal-")) as scratch:
+        tmpdir = Path(scratch)
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        for c in ranked[:top]:
+            name = f"{c.layer}/{c.position}"
+            if "kl" not in cache.get(name):
+                path = write_adapter(tmpdir / "candidate.gguf", weights, r_all[c.position, c.layer], force=True)
+                lora = Lora(model, path)
+                try:
+                    cache.put(name, ablate=scorer.score(scorer.last_logits(val_h, lora=(lora, 1.0))),
+                              kl=kl_rows(plain_harmless(), scorer.last_logits(val_b, lora=(lora, 1.0))))
+                finally:
+                    lora.close()
+            c.ablate, c.kl = cache.get(name)["ablate"], cache.get(name)["kl"]
+            done += 1
+            if progress:
+                progress(done, total)
     for c in cands:
         if np.isnan(c.ablate):
             c.why = "not among the best inducers"
