@@ -93,3 +93,27 @@ def test_bad_model_files(tmp_path):
     truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 8)
     with pytest.raises(ModelError, match="could not load"):
         Model(truncated)
+
+
+def test_an_exception_in_the_eval_callback_stops_the_decode_and_is_raised_after_it(smol):
+    """It cannot cross llama.cpp's C frames: the callback keeps it, returns false (the graph stops
+    at that tensor: the layers after it are never computed), and decode raises it afterwards."""
+
+    class Failing(Capture):
+        fail = True
+
+        def on_tensor(self, tensor, il):
+            super().on_tensor(tensor, il)
+            if il == 5 and self.fail:
+                raise RuntimeError("boom at layer 5")
+
+    cap = Failing(range(1, smol.n_layer))
+    with smol.context(n_ctx=512, capture=cap) as ctx:
+        with pytest.raises(RuntimeError, match="boom at layer 5"):
+            ctx.decode_sequence(prompt(smol), 0)
+        assert sorted(cap.layers) == [1, 2, 3, 4, 5]  # stopped there
+        assert cap.error is None  # raised once, then cleared
+        cap.fail = False
+        ctx.clear()
+        ctx.decode_sequence(prompt(smol), 0)  # the context works on
+        assert len(cap.layers) == smol.n_layer - 1
