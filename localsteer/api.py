@@ -18,6 +18,7 @@ from .dataset import load_pairs as _load_pairs
 from .errors import (ContextError, DatasetError, LayerRangeError, LocalsteerError, ModelError, OutputError,
                      OutputExistsError, ProbeError, PullError, VectorError)
 from .eval.grid import CONDITIONS as EVAL_CONDITIONS
+from .directer import Directer, InstructionError, InstructionSteerer, find_span
 from .extract import ExtractResult, suggested_layers
 from .extract import extract as _extract
 from .fileio import check_finite_tensors, check_output, write_text
@@ -312,6 +313,9 @@ class RunResult(Reply):
              f"steering: {self.steering}")
         if self.extra.get("rejection"):
             s += f", full-steering acceptance {self.acceptance:.0%}"
+        if self.extra.get("directer"):
+            n = max(1, len(self.events))
+            s += ", tokens " + " ".join(f"{k} {v / n:.0%}" for k, v in self.extra["directer"]["tokens"].items())
         if self.extra.get("context_full"):
             s += ", stopped: the context is full (--ctx)"
         gate = self.extra.get("gate")
@@ -371,6 +375,45 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
         extra["context_full"] = True
     return RunResult(reply.text, reply.tokens, reply.events, reply.seconds, reply.n_prompt, reply.stopped,
                      reply.context_full, extra, model=model.info.name, steering=steering.describe())
+
+
+def generate_directer(model: Model, prompt: str, instruction: str | None = None, mark: str | None = None,
+                      settings: Directer = Directer(), sampling: Sampling = Sampling(), max_tokens: int = 128,
+                      raw: bool = False, system: str | None = None, n_threads: int | None = None,
+                      stream: Callable[[str], None] | None = None, n_ctx: int = 4096) -> RunResult:
+    """A reply steered by DIRECTER (localsteer/directer.py): `instruction` is appended to the
+    prompt and amplified there, or `mark` names a span of the prompt to amplify (one of them)."""
+    if (instruction is None) == (mark is None):
+        raise InstructionError("give the instruction to append, or the span of the prompt to mark (one of them)")
+    text = f"{prompt} {instruction.strip()}" if instruction is not None else prompt
+    span_text = instruction if instruction is not None else mark
+    messages = [{"role": "user", "content": text}]
+    if system:
+        messages = [{"role": "system", "content": system}] + messages
+    full = text if raw else model.apply_chat_template(messages)
+    tokens = model.tokenize(full)
+    check_prompt_fits(model, len(tokens), n_ctx)
+    span = find_span(model, tokens, full, span_text)
+    sampling = sampling.resolved()
+    steerer = InstructionSteerer(model, span, settings, n_ctx=n_ctx, n_threads=n_threads)
+
+    def on_token(ev: TokenEvent, end: bool, seconds: float) -> None:
+        if stream and not end:
+            stream(ev.text)
+
+    try:
+        reply = _reply.run(steerer, tokens, max_tokens, sampling, on_token=on_token)
+    finally:
+        steerer.close()
+    counts = {s.value: sum(e.status == s for e in reply.events) for s in (Status.SKIPPED, Status.STEERED,
+                                                                           Status.WEAKENED, Status.PLAIN)}
+    extra = {"seed": sampling.seed, "directer": {"alpha": settings.alpha, "p": settings.p, "trials": settings.trials,
+                                                 "span": list(span), "tokens": counts}}
+    if reply.context_full:
+        extra["context_full"] = True
+    described = f"DIRECTER x{settings.alpha:g} on {span_text.strip()!r} (prompt tokens {span[0]}-{span[1] - 1})"
+    return RunResult(reply.text, reply.tokens, reply.events, reply.seconds, reply.n_prompt, reply.stopped,
+                     reply.context_full, extra, model=model.info.name, steering=described)
 
 
 # --- side effects -------------------------------------------------------------------------------
@@ -551,6 +594,7 @@ __all__ = [
     "load_vector", "parse_layers", "parse_spec", "same_sides", "shipped", "steering_from_specs", "suggested_layers",
     "vector_file", "vector_spec",
     # generation
+    "Directer", "InstructionError", "generate_directer",
     "Reply", "Status", "acceptance", "chat_prompt", "check_prompt_fits", "fold_for", "generate", "importance_order",
     "load_adapters", "make_steerer", "rejection_config", "run_reply", "sampling_config",
     # side effects, probes, refusal, KTS, evaluation

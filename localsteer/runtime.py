@@ -232,6 +232,45 @@ class RowSteer(_EvalCallback):
         self._wanted = {f"l_out-{il}".encode(): il for il in layers if il >= 1}
 
 
+class KeyScale(_EvalCallback):
+    """Amplifies chosen keys for chosen rows of a batch: in each layer il of `layers`, the
+    attention scores `kq-<il>` (KV cells x batch rows x heads, before the softmax) of the rows
+    `rows` against the KV cells `cells` are multiplied by `alpha`. A score is the dot product of
+    a query and a key, so this is the same as multiplying those cells' keys by `alpha` (values
+    untouched) for those rows only: DIRECTER's steered pass (localsteer/directer.py), with the
+    cache itself unchanged. The context must run without flash attention, which has no `kq`
+    tensor (`Model.context(flash_attn=False)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[int] = []
+        self.cells = np.zeros(0, dtype=np.int64)
+        self.alpha = 1.0
+        self._wanted: dict[bytes, int] = {}
+
+    def set(self, layers: Sequence[int], cells: Sequence[int], alpha: float, rows: Sequence[int]) -> None:
+        """Scale `cells` by `alpha` for `rows` in `layers` from the next decode on (no layers: off)."""
+        self._wanted = {f"kq-{il}".encode(): il for il in layers}
+        self.cells = np.asarray(cells, dtype=np.int64)
+        self.alpha = float(alpha)
+        self.rows = list(rows)
+
+    def wants(self, name: bytes) -> int | None:
+        return self._wanted.get(name) if self.rows and len(self.cells) else None
+
+    def on_tensor(self, tensor: int, il: int) -> None:
+        head = _TensorHead.from_address(tensor)
+        ne = [int(n) for n in head.ne]  # n_kv, rows, heads, streams
+        scores = np.empty((ne[3], ne[2], ne[1], ne[0]), dtype=np.float32)
+        _ggml_base.ggml_backend_tensor_get(tensor, scores.ctypes.data, 0, scores.nbytes)
+        rows = [r for r in self.rows if r < ne[1]]
+        cells = self.cells[self.cells < ne[0]]
+        block = scores[:, :, rows, :]
+        block[..., cells] *= np.float32(self.alpha)
+        scores[:, :, rows, :] = block
+        _ggml_base.ggml_backend_tensor_set(tensor, scores.ctypes.data, 0, scores.nbytes)
+
+
 # --- model and contexts ----------------------------------------------------------------------
 
 
@@ -393,9 +432,12 @@ class Model:
         raise ModelError("chat template output did not fit its buffer")
 
     def context(self, n_ctx: int = 4096, n_batch: int = 512, n_seq_max: int = 1,
-                n_threads: int | None = None, capture: Capture | RowSteer | None = None) -> "Context":
+                n_threads: int | None = None, capture: Capture | RowSteer | KeyScale | None = None,
+                flash_attn: bool | None = None) -> "Context":
+        """A context; `flash_attn` None lets llama.cpp decide (its default), False turns it off
+        (`KeyScale` needs the attention scores it skips)."""
         return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max,
-                       n_threads=n_threads, capture=capture)
+                       n_threads=n_threads, capture=capture, flash_attn=flash_attn)
 
     def close(self) -> None:
         if getattr(self, "_model", None):
@@ -461,7 +503,7 @@ class Context:
     """One llama.cpp context (its own KV cache and control vector) over a shared `Model`."""
 
     def __init__(self, model: Model, n_ctx: int, n_batch: int, n_seq_max: int,
-                 n_threads: int | None, capture: Capture | RowSteer | None):
+                 n_threads: int | None, capture: Capture | RowSteer | KeyScale | None, flash_attn: bool | None = None):
         self.model = model
         self.capture = capture
         params = llama_cpp.llama_context_default_params()
@@ -471,6 +513,9 @@ class Context:
         params.n_seq_max = n_seq_max
         params.kv_unified = True
         params.no_perf = True
+        if flash_attn is not None:
+            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         threads = n_threads or default_threads()
         params.n_threads = threads
         params.n_threads_batch = threads
@@ -582,6 +627,11 @@ class Context:
         """Forget cached tokens of `seq_id` at positions [p0, p1) (-1: open end / all sequences)."""
         if not llama_cpp.llama_memory_seq_rm(self._mem, seq_id, p0, p1):
             raise ModelError("llama.cpp could not remove tokens from the cache")
+
+    def share(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Let sequence `dst` also hold `src`'s cached tokens at positions [p0, p1) (-1: open
+        end): the cells are shared, not copied."""
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)

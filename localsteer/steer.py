@@ -84,6 +84,7 @@ class Status(str, Enum):
     WEAKENED = "weakened"  # after rejection rounds, with fewer layers steering
     PLAIN = "plain"  # no layer set was plausible: the plain model's choice
     UNSTEERED = "unsteered"  # no steering was on
+    SKIPPED = "skipped"  # the plain model left one plausible token: no steered pass (DIRECTER, greedy)
 
     # a Status is its string everywhere: equal, hashed (dict keys, styles), printed, formatted
     __hash__ = str.__hash__

@@ -429,6 +429,12 @@ BAD_OPTIONS = [
     ("pull unknown", ("models", "pull", "unknown"), "'unknown' is not one of"),
     ("eval --limit 0", ("eval", "--limit", 0), "not in the range x>=1"),
     ("--threads 0", ("generate", "--threads", 0, "hi"), "not in the range x>=1"),
+    ("--mark absent", ("generate", "--mark", "in French", "Describe the ocean."), "is not in the prompt"),
+    ("--instruction empty", ("generate", "--instruction", " ", "hi"), "the instruction is empty"),
+    ("--alpha 0", ("generate", "--alpha", 0, "--instruction", "Be brief.", "hi"), "not in the range x>0"),
+    ("--alpha inf", ("generate", "--alpha", "inf", "--instruction", "Be brief.", "hi"), "not a finite number"),
+    ("--directer-p 0", ("generate", "--directer-p", 0, "--instruction", "Be brief.", "hi"), "not in the range 0<x<=1"),
+    ("--directer-p 2", ("generate", "--directer-p", 2, "--instruction", "Be brief.", "hi"), "not in the range 0<x<=1"),
 ]
 
 

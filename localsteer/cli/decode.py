@@ -39,6 +39,16 @@ from .base import (FiniteFloat, ctx_option, gpu_option, layers_option, loras_opt
                    "auto: joint on the CPU, drafted when the model is offloaded to a GPU.")
 @loras_option
 @when_option
+@click.option("--instruction", default=None, metavar="TEXT",
+              help="DIRECTER: append this instruction to PROMPT and steer it by amplifying its keys (no vector).")
+@click.option("--mark", default=None, metavar="TEXT",
+              help="DIRECTER: steer this span of PROMPT (it must occur in PROMPT) instead of appending one.")
+@click.option("--alpha", type=FiniteFloat(min=0, min_open=True), default=100.0, show_default=True,
+              help="DIRECTER: the factor on the instruction's keys.")
+@click.option("--directer-p", type=FiniteFloat(0, 1, min_open=True), default=0.5, show_default=True,
+              help="DIRECTER: a steered token passes if its plain probability > this x the plain maximum.")
+@click.option("--directer-trials", type=click.IntRange(min=1), default=10, show_default=True,
+              help="DIRECTER: layer sets tried per token (all layers, then the most sensitive half, ...).")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -48,9 +58,27 @@ from .base import (FiniteFloat, ctx_option, gpu_option, layers_option, loras_opt
 @verbose_option
 @click.argument("prompt")
 def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_p, seed, n_ctx, reject_topk,
-             reject_minp, recovery, reject_fold, reject_loop, loras, when, raw, system, as_json, events, threads,
-             gpu_layers, verbose, prompt) -> None:
-    """Generate a reply to PROMPT, steered by control vectors."""
+             reject_minp, recovery, reject_fold, reject_loop, loras, when, instruction, mark, alpha, directer_p,
+             directer_trials, raw, system, as_json, events, threads, gpu_layers, verbose, prompt) -> None:
+    """Generate a reply to PROMPT, steered by control vectors, or by DIRECTER (--instruction,
+    --mark): the instruction's keys amplified, each steered token checked against the plain model."""
+    if instruction is not None or mark is not None:
+        if instruction is not None and mark is not None:
+            raise click.UsageError("--instruction appends an instruction, --mark names one in PROMPT: give one")
+        if vectors or loras or when or reject_topk is not None or reject_minp is not None or layers is not None:
+            raise click.UsageError("DIRECTER (--instruction/--mark) does not combine with --vector, --lora, --when, "
+                                   "--layers or --reject-* yet")
+        lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
+        run = api.generate_directer(lm, prompt, instruction, mark, api.Directer(alpha, directer_p, directer_trials),
+                                    api.sampling_config(temperature, top_k, top_p, min_p, seed), max_tokens, raw=raw,
+                                    system=system, n_threads=threads, stream=None if as_json else _stream_echo,
+                                    n_ctx=n_ctx)
+        if as_json:
+            click.echo(json.dumps(run.as_dict(events=events), ensure_ascii=False))
+        else:
+            click.echo()
+            click.echo(run.summary(), err=True)
+        return
     if reject_minp is not None and reject_topk is None:
         raise click.UsageError("--reject-minp refines --reject-topk: give --reject-topk K too")
     reject_minp = reject_minp or 0.0

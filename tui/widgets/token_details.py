@@ -14,7 +14,7 @@ from ..conversation import Turn
 
 HINT = "click a token (or ←/→ in the transcript) to see how it was chosen"
 _STATUS_STYLE = {Status.STEERED: "$success", Status.WEAKENED: "$warning", Status.PLAIN: "$error",
-                 Status.UNSTEERED: "$text-muted"}
+                 Status.UNSTEERED: "$text-muted", Status.SKIPPED: "$text-muted"}
 
 
 def _quoted(text: str) -> str:

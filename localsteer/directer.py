@@ -1,0 +1,206 @@
+"""DIRECTER on llama.cpp (Kang & Kim, arXiv 2603.06745; docs/methods.md, "Instruction steering
+(DIRECTER)"): steer whatever instruction the prompt holds by amplifying its keys, and accept a
+steered token only where the plain model finds it plausible. No vector, no dataset.
+
+How it runs here. One context holds two sequences over one KV cache: 0 is the plain reply, 1 the
+steered view of it, sharing every cell of sequence 0 (`Context.share`), so the steered pass
+attends to the plain history as the method asks. Each token is one decode of two rows, the token
+in sequence 0 (plain logits) and in sequence 1, where `runtime.KeyScale` multiplies the attention
+scores against the instruction's cells by alpha in the active layers: the same as multiplying
+the instruction's keys by alpha (values untouched) for that row only. The steered row's own
+cache entry is then dropped and sequence 1 shares sequence 0's (the generated tokens' KV come
+from the plain pass). A rejected token is evaluated again on sequence 1 alone with fewer layers.
+
+The loop, per token: with plain top-2 probabilities x >= y, if y < p x only the plain top-1 can
+pass, so greedy decoding emits it without a steered pass (`Status.SKIPPED`). Otherwise trial t
+(t = 0, 1, ...) takes the steered choice with the layers kept at that trial (all of them at
+t = 0, then the most sensitive L / 2^t) and accepts it if its plain probability is more than
+p x the plain maximum; after `trials` trials, or below one layer, the plain model's choice stands.
+Sampling: the steered distribution of each trial is sampled (seeded by position and trial), the
+sampled token takes the same test, and the skip test is not used (it is exact for greedy only).
+The sensitivity ranking is computed once per reply, at the first token that needs a second
+trial: each layer alone, KL(plain || steered) of that token's distribution, most disturbed first.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import LocalsteerError
+from .runtime import KeyScale, Model
+from .sampling import Sampling, softmax
+from .steer import Status, TokenEvent
+
+
+class InstructionError(LocalsteerError):
+    """An instruction span that is empty or not in the prompt, or bad DIRECTER settings."""
+
+
+@dataclass(frozen=True)
+class Directer:
+    """DIRECTER's settings. alpha: the factor on the instruction's keys (the paper's default 100);
+    p: a steered token passes if its plain probability > p x the plain maximum; trials: at most
+    this many layer sets per token (all layers, then the most sensitive half, quarter, ...)."""
+
+    alpha: float = 100.0
+    p: float = 0.5
+    trials: int = 10
+
+    def __post_init__(self):
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise InstructionError(f"alpha must be a finite number above 0, not {self.alpha}")
+        if not (math.isfinite(self.p) and 0 < self.p <= 1):
+            raise InstructionError(f"p must be in (0, 1], not {self.p}")
+        if self.trials < 1:
+            raise InstructionError(f"trials must be at least 1, not {self.trials}")
+
+
+def find_span(model: Model, tokens: Sequence[int], text: str, instruction: str) -> tuple[int, int]:
+    """The tokens [start, end) of `tokens` (the tokenized `text`) that spell the last occurrence
+    of `instruction` in `text`; an `InstructionError` if it is empty or not there."""
+    if not instruction.strip():
+        raise InstructionError("the instruction is empty")
+    data, want = text.encode("utf-8"), instruction.strip().encode("utf-8")
+    at = data.rfind(want)
+    if at < 0:
+        raise InstructionError(f"the instruction {instruction.strip()!r} is not in the prompt")
+    begin, end = at, at + len(want)
+    offset, start, stop = 0, None, None
+    bos = model.bos_token
+    for i, tok in enumerate(tokens):
+        piece = model.piece(tok, special=True)
+        if i == 0 and tok == bos and not data.startswith(piece):
+            continue  # a BOS the tokenizer added: not in the text
+        nxt = offset + len(piece)
+        if start is None and nxt > begin:
+            start = i
+        if nxt >= end:
+            stop = i + 1
+            break
+        offset = nxt
+    if start is None or stop is None or stop <= start:
+        raise InstructionError(f"the instruction {instruction.strip()!r} could not be found in the prompt's tokens")
+    return start, stop
+
+
+class InstructionSteerer:
+    """Generates with DIRECTER from one model: `generate(prompt, max_tokens, sampling)` yields a
+    `TokenEvent` per token (the `reply.run` interface), steering the prompt tokens `span`."""
+
+    def __init__(self, model: Model, span: tuple[int, int], settings: Directer = Directer(),
+                 n_ctx: int = 4096, n_threads: int | None = None, top_n_events: int = 5):
+        self.model = model
+        self.span = span
+        self.settings = settings
+        self.n_ctx = n_ctx
+        self.top_n_events = top_n_events
+        self.layers = tuple(range(model.n_layer))
+        self._scale = KeyScale()
+        # the plain reply, and one cell more for the steered row of the token being decoded
+        self._ctx = model.context(n_ctx=n_ctx + 8, n_seq_max=2, n_threads=n_threads, capture=self._scale,
+                                  flash_attn=False)
+        self.ranking: tuple[int, ...] | None = None
+
+    def close(self) -> None:
+        self._ctx.close()
+
+    # --- the two passes ----------------------------------------------------------------------
+
+    def _both(self, token: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decode `token` at `pos` plain (sequence 0) and steered on every layer (sequence 1);
+        their logits. Sequence 1 then shares sequence 0's entry for it."""
+        ctx = self._ctx
+        self._scale.set(self.layers, range(*self.span), self.settings.alpha, rows=[1])
+        ctx.decode([token, token], [pos, pos], [0, 1], [True, True])
+        plain, steered = ctx.logits(0), ctx.logits(1)
+        self._rejoin(pos)
+        return plain, steered
+
+    def _steered(self, token: int, pos: int, layers: Sequence[int]) -> np.ndarray:
+        """`token` at `pos` evaluated again on sequence 1 alone, keys scaled in `layers` only."""
+        ctx = self._ctx
+        ctx.remove(1, pos, -1)
+        self._scale.set(layers, range(*self.span), self.settings.alpha, rows=[0])
+        ctx.decode([token], [pos], [1], [True])
+        logits = ctx.logits()
+        self._rejoin(pos)
+        return logits
+
+    def _rejoin(self, pos: int) -> None:
+        self._ctx.remove(1, pos, -1)  # the steered pass's own cache entry is dropped...
+        self._ctx.share(0, 1, pos, pos + 1)  # ...and the plain one taken
+
+    def _rank(self, token: int, pos: int, plain: np.ndarray) -> tuple[int, ...]:
+        """Layers by how much scaling the instruction's keys in that layer alone moves the
+        next-token distribution (KL(plain || steered)), most first."""
+        logp = plain - np.logaddexp.reduce(plain)
+        p = np.exp(logp)
+        kl = {}
+        for il in self.layers:
+            s = self._steered(token, pos, [il])
+            kl[il] = float(np.sum(p * (logp - (s - np.logaddexp.reduce(s)))))
+        return tuple(sorted(self.layers, key=lambda il: (-kl[il], il)))
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def generate(self, prompt: Sequence[int], max_tokens: int = 256,
+                 sampling: Sampling = Sampling()) -> Iterator[TokenEvent]:
+        if len(prompt) < 2 or not 0 <= self.span[0] < self.span[1] <= len(prompt) - 1:
+            raise InstructionError("the instruction must lie inside the prompt, before its last token")
+        sampling = sampling.resolved()
+        max_tokens = min(max_tokens, self.n_ctx - len(prompt))
+        model, ctx, st = self.model, self._ctx, self.settings
+        ctx.clear()
+        self._scale.set([], [], 1.0, [])
+        ctx.decode_sequence(list(prompt[:-1]), 0, seq_id=0)
+        ctx.share(0, 1)
+        self.ranking = None
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        token, pos = prompt[-1], len(prompt) - 1
+        plain, steered = self._both(token, pos)
+        for step in range(max_tokens):
+            probs = softmax(plain)
+            top2 = np.partition(probs, -2)[-2:] if len(probs) > 1 else np.array([0.0, probs[0]])
+            rounds, layers, s_prob = 0, (), None
+            if sampling.greedy and top2[0] < st.p * top2[1]:
+                choice, status = int(np.argmax(plain)), Status.SKIPPED
+            else:
+                choice, status, rounds, layers, s_prob = self._trials(token, pos, plain, steered, probs,
+                                                                      sampling, step)
+            ev = TokenEvent(step, choice, utf8.decode(model.piece(choice)), status, rounds, layers,
+                            s_prob, float(probs[choice]), self._top(probs))
+            yield ev
+            if model.is_eog(choice) or step + 1 >= max_tokens:
+                return
+            token, pos = choice, pos + 1
+            plain, steered = self._both(token, pos)
+
+    def _trials(self, token: int, pos: int, plain: np.ndarray, steered: np.ndarray, probs: np.ndarray,
+                sampling: Sampling, step: int) -> tuple[int, Status, int, tuple[int, ...], float | None]:
+        """The steered choice of the first layer set whose choice passes the test, or the plain one."""
+        bar = self.settings.p * float(probs.max())
+        logits, layers = steered, self.layers
+        t = 0
+        while True:
+            choice = sampling.choose(logits, step, t)
+            if probs[choice] > bar:
+                status = Status.STEERED if t == 0 else Status.WEAKENED
+                return choice, status, t, layers, float(softmax(logits)[choice])
+            t += 1
+            if t >= self.settings.trials or len(layers) <= 1:
+                return sampling.choose(plain, step, 0), Status.PLAIN, t, (), None
+            if self.ranking is None:
+                self.ranking = self._rank(token, pos, plain)
+            layers = tuple(sorted(self.ranking[:max(1, math.ceil(len(self.layers) / 2 ** t))]))
+            logits = self._steered(token, pos, layers)
+
+    def _top(self, probs: np.ndarray) -> list[tuple[int, str, float]]:
+        n = self.top_n_events
+        top = np.argpartition(-probs, n)[:n]
+        top = top[np.argsort(-probs[top])]
+        return [(int(t), self.model.piece(int(t)).decode("utf-8", "replace"), float(probs[t])) for t in top]
