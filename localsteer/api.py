@@ -462,6 +462,19 @@ def load_gate(model: Model, path: str | os.PathLike) -> Gate:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
+IFEVAL_CONDITIONS = ("plain", "directer", "vector+rej")
+
+
+def evaluate_ifeval(models: Sequence[tuple[str, Model]], out_dir: str | os.PathLike,
+                    conditions: Sequence[str] = IFEVAL_CONDITIONS, sample: int = 200, limit: int | None = None,
+                    max_tokens: int = 1024, settings: Directer = Directer(), log: Callable[[str], None] = print) -> dict:
+    """`localsteer eval --benchmark ifeval` (localsteer/eval/ifeval_run.py): resumable; returns
+    results.json's content."""
+    from .eval import ifeval_run
+    return ifeval_run.run(models, Path(out_dir), conditions, sample=sample, limit=limit, max_tokens=max_tokens,
+                          settings=settings, log=log)
+
+
 def check_eval_settings(out_dir: str | os.PathLike, settings: dict) -> None:
     """A ValueError if `out_dir` holds results made with other settings (a rerun resumes them)."""
     import json
@@ -598,7 +611,8 @@ __all__ = [
     "Reply", "Status", "acceptance", "chat_prompt", "check_prompt_fits", "fold_for", "generate", "importance_order",
     "load_adapters", "make_steerer", "rejection_config", "run_reply", "sampling_config",
     # side effects, probes, refusal, KTS, evaluation
-    "BENIGN", "EVAL_CONDITIONS", "benign_kl", "check_eval_settings", "evaluate", "load_gate", "refusal_direction",
+    "BENIGN", "EVAL_CONDITIONS", "IFEVAL_CONDITIONS", "benign_kl", "check_eval_settings", "evaluate",
+    "evaluate_ifeval", "load_gate", "refusal_direction",
     "refusal_table", "score_probe", "train_kts", "train_probe", "train_probe_sets",
     # files
     "check_output", "write_text",

@@ -93,7 +93,7 @@ class InstructionSteerer:
     `TokenEvent` per token (the `reply.run` interface), steering the prompt tokens `span`."""
 
     def __init__(self, model: Model, span: tuple[int, int], settings: Directer = Directer(),
-                 n_ctx: int = 4096, n_threads: int | None = None, top_n_events: int = 5):
+                 n_ctx: int = 4096, n_threads: int | None = None, top_n_events: int = 5, kv_f32: bool = False):
         self.model = model
         self.span = span
         self.settings = settings
@@ -103,7 +103,7 @@ class InstructionSteerer:
         self._scale = KeyScale()
         # the plain reply, and one cell more for the steered row of the token being decoded
         self._ctx = model.context(n_ctx=n_ctx + 8, n_seq_max=2, n_threads=n_threads, capture=self._scale,
-                                  flash_attn=False)
+                                  flash_attn=False, kv_f32=kv_f32)
         self.ranking: tuple[int, ...] | None = None
 
     def close(self) -> None:

@@ -433,11 +433,12 @@ class Model:
 
     def context(self, n_ctx: int = 4096, n_batch: int = 512, n_seq_max: int = 1,
                 n_threads: int | None = None, capture: Capture | RowSteer | KeyScale | None = None,
-                flash_attn: bool | None = None) -> "Context":
+                flash_attn: bool | None = None, kv_f32: bool = False) -> "Context":
         """A context; `flash_attn` None lets llama.cpp decide (its default), False turns it off
-        (`KeyScale` needs the attention scores it skips)."""
+        (`KeyScale` needs the attention scores it skips); `kv_f32` keeps the KV cache in float32
+        instead of llama.cpp's float16."""
         return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max,
-                       n_threads=n_threads, capture=capture, flash_attn=flash_attn)
+                       n_threads=n_threads, capture=capture, flash_attn=flash_attn, kv_f32=kv_f32)
 
     def close(self) -> None:
         if getattr(self, "_model", None):
@@ -503,7 +504,8 @@ class Context:
     """One llama.cpp context (its own KV cache and control vector) over a shared `Model`."""
 
     def __init__(self, model: Model, n_ctx: int, n_batch: int, n_seq_max: int,
-                 n_threads: int | None, capture: Capture | RowSteer | KeyScale | None, flash_attn: bool | None = None):
+                 n_threads: int | None, capture: Capture | RowSteer | KeyScale | None, flash_attn: bool | None = None,
+                 kv_f32: bool = False):
         self.model = model
         self.capture = capture
         params = llama_cpp.llama_context_default_params()
@@ -513,6 +515,8 @@ class Context:
         params.n_seq_max = n_seq_max
         params.kv_unified = True
         params.no_perf = True
+        if kv_f32:
+            params.type_k = params.type_v = _GGML_TYPE_F32
         if flash_attn is not None:
             params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)

@@ -74,3 +74,29 @@ def test_settings_check_lets_new_grids_and_older_files_through():
     check_settings({"max_tokens": 32, "reject_topk": 20, "reject_minp": 0.1}, {**new, "reject_fold": "auto"}, ROOT)
     with pytest.raises(ValueError, match="reject_fold auto here, recase asked"):
         check_settings({"max_tokens": 32, "reject_topk": 20, "reject_minp": 0.1}, {**new, "reject_fold": "recase"}, ROOT)
+
+
+def test_ifeval_runs_scores_and_resumes(tmp_path, monkeypatch):
+    """`localsteer eval --benchmark ifeval` on SmolLM2, 2 prompts, short replies: every cell is
+    scored with IFEval's checkers, and a rerun reads the replies it has instead of generating."""
+    pytest.importorskip("if_verifiable")
+    from localsteer import api
+    from localsteer.eval import ifeval_run
+
+    model = api.load_model("smollm2-135m-instruct")
+    out = tmp_path / "ifeval"
+    first = api.evaluate_ifeval([("smol", model)], out, ["plain", "directer"], sample=20, limit=2, max_tokens=16,
+                                log=lambda s: None)
+    assert set(first["cells"]) == {"smol|plain", "smol|directer"}
+    for cell in first["cells"].values():
+        assert cell["n_prompts"] == 2 and 0 <= cell["prompt_strict"] <= cell["prompt_loose"] <= 1
+        assert cell["cut"] <= 2
+    assert (out / "results.md").read_text().count("| smol |") == 2
+    replies = json.loads((out / "replies.json").read_text())["replies"]
+    assert len(replies) == 4 and all("strict" in r and "response" in r for r in replies.values())
+    monkeypatch.setattr(ifeval_run, "_reply", lambda *a, **k: pytest.fail("a finished reply was generated again"))
+    again = api.evaluate_ifeval([("smol", model)], out, ["plain", "directer"], sample=20, limit=2, max_tokens=16,
+                                log=lambda s: None)
+    assert again["cells"] == first["cells"]
+    with pytest.raises(api.DatasetError, match="was made with"):
+        api.evaluate_ifeval([("smol", model)], out, ["plain"], sample=20, limit=2, max_tokens=32, log=lambda s: None)

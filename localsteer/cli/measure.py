@@ -84,13 +84,19 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
 
 
 @main.command("eval")
+@click.option("--benchmark", type=click.Choice(["grid", "ifeval"]), default="grid", show_default=True,
+              help="grid: the instruction-vector grid below; ifeval: IFEval's prompts, plain / DIRECTER / "
+                   "a matching vector with rejection, scored with IFEval's checkers.")
 @click.option("--model", "-m", "model_names", multiple=True, default=["qwen2.5-coder-0.5b-instruct"],
               show_default=True, help="Repeat for several models.")
 @click.option("--types", default=ALL_TYPES, show_default=True, help="Instruction types (comma-separated).")
 @click.option("--compose", multiple=True, default=["lowercase+exclude_word"], show_default=True,
               metavar="A+B", help="Pairs of types to steer together (joint accuracy).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N test prompts and N task questions.")
-@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=None,
+              help="Per reply [default: 48 for the grid, 1024 for ifeval].")
+@click.option("--sample", type=click.IntRange(min=1, max=541), default=200, show_default=True,
+              help="ifeval: a fixed stratified sample of this many of the 541 prompts.")
 @click.option("--reject-topk", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--reject-minp", type=FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Rejection's second test: plain probability >= this x the plain maximum (0: off).")
@@ -103,9 +109,22 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
               show_default=True, help="Directory for results.json and results.md (a rerun resumes).")
 @threads_option
 @verbose_option
-def eval_(model_names, types, compose, limit, max_tokens, reject_topk, reject_minp, reject_fold, oversteer,
-          conditions, out, threads, verbose) -> None:
+def eval_(benchmark, model_names, types, compose, limit, max_tokens, sample, reject_topk, reject_minp, reject_fold,
+          oversteer, conditions, out, threads, verbose) -> None:
     """Instruction-following accuracy, task fidelity and fluency with and without steering."""
+    if benchmark == "ifeval":
+        cond = [c for c in (conditions or "").split(",") if c] or list(api.IFEVAL_CONDITIONS)
+        if set(cond) - set(api.IFEVAL_CONDITIONS):
+            raise click.ClickException(f"unknown condition(s) {', '.join(sorted(set(cond) - set(api.IFEVAL_CONDITIONS)))}; "
+                                       f"use {', '.join(api.IFEVAL_CONDITIONS)}")
+        for name in ("replies.json", "results.json", "results.md", "results.png"):
+            api.check_output(out / name, force=True)  # resumed, but they must be writable files
+        models = [(name, api.load_model(name, verbose=verbose)) for name in model_names]
+        results = api.evaluate_ifeval(models, out, cond, sample=sample, limit=limit, max_tokens=max_tokens or 1024,
+                                      log=click.echo)
+        click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} ({len(results['cells'])} cells)")
+        return
+    max_tokens = max_tokens or 48
     CONDITIONS = api.EVAL_CONDITIONS
     cond_list = [c for c in (conditions or "").split(",") if c] or list(CONDITIONS)
     if set(cond_list) - set(CONDITIONS):
