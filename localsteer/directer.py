@@ -4,10 +4,11 @@ steered token only where the plain model finds it plausible. No vector, no datas
 
 How it runs here. One context holds two sequences over one KV cache: 0 is the plain reply, 1 the
 steered view of it, sharing every cell of sequence 0 (`Context.share`), so the steered pass
-attends to the plain history as the method asks. Each token is one decode of two rows, the token
-in sequence 0 (plain logits) and in sequence 1, where `runtime.KeyScale` multiplies the attention
-scores against the instruction's cells by alpha in the active layers: the same as multiplying
-the instruction's keys by alpha (values untouched) for that row only. The steered row's own
+attends to the plain history as the method asks. Greedy: each token is first decoded on sequence
+0 (the plain logits); unless the skip test passes, it is then decoded on sequence 1, where
+`runtime.KeyScale` multiplies the attention scores against the instruction's cells by alpha in
+the active layers: the same as multiplying the instruction's keys by alpha (values untouched) for
+that row only. Sampled (no skip test): both rows in one decode of two. The steered row's own
 cache entry is then dropped and sequence 1 shares sequence 0's (the generated tokens' KV come
 from the plain pass). A rejected token is evaluated again on sequence 1 alone with fewer layers.
 
@@ -121,6 +122,13 @@ class InstructionSteerer:
         self._rejoin(pos)
         return plain, steered
 
+    def _plain(self, token: int, pos: int) -> np.ndarray:
+        """Decode `token` at `pos` on sequence 0 alone; sequence 1 gets its own entry there when
+        the steered pass runs (`_steered`), else shares this one."""
+        self._scale.set([], [], 1.0, [])
+        self._ctx.decode([token], [pos], [0], [True])
+        return self._ctx.logits()
+
     def _steered(self, token: int, pos: int, layers: Sequence[int]) -> np.ndarray:
         """`token` at `pos` evaluated again on sequence 1 alone, keys scaled in `layers` only."""
         ctx = self._ctx
@@ -162,14 +170,22 @@ class InstructionSteerer:
         self.ranking = None
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         token, pos = prompt[-1], len(prompt) - 1
-        plain, steered = self._both(token, pos)
         for step in range(max_tokens):
-            probs = softmax(plain)
-            top2 = np.partition(probs, -2)[-2:] if len(probs) > 1 else np.array([0.0, probs[0]])
             rounds, layers, s_prob = 0, (), None
-            if sampling.greedy and top2[0] < st.p * top2[1]:
-                choice, status = int(np.argmax(plain)), Status.SKIPPED
+            if sampling.greedy:
+                # the plain pass first: where the skip test passes, no steered pass is needed
+                plain, steered = self._plain(token, pos), None
+                probs = softmax(plain)
+                top2 = np.partition(probs, -2)[-2:] if len(probs) > 1 else np.array([0.0, probs[0]])
+                if top2[0] < st.p * top2[1]:
+                    choice, status = int(np.argmax(plain)), Status.SKIPPED
+                    ctx.share(0, 1, pos, pos + 1)
+                else:
+                    steered = self._steered(token, pos, self.layers)
             else:
+                plain, steered = self._both(token, pos)
+                probs = softmax(plain)
+            if steered is not None:
                 choice, status, rounds, layers, s_prob = self._trials(token, pos, plain, steered, probs,
                                                                       sampling, step)
             ev = TokenEvent(step, choice, utf8.decode(model.piece(choice)), status, rounds, layers,
@@ -178,7 +194,6 @@ class InstructionSteerer:
             if model.is_eog(choice) or step + 1 >= max_tokens:
                 return
             token, pos = choice, pos + 1
-            plain, steered = self._both(token, pos)
 
     def _trials(self, token: int, pos: int, plain: np.ndarray, steered: np.ndarray, probs: np.ndarray,
                 sampling: Sampling, step: int) -> tuple[int, Status, int, tuple[int, ...], float | None]:

@@ -8,9 +8,10 @@ The model is SmolLM2-135M with its weights dequantized to float32 (written by th
 llama.cpp keeps its KV cache in float32: then both runtimes compute the same numbers, and the
 comparison tests the algorithm. On a quantized model it cannot: llama.cpp multiplies Q4_K
 weights with activations quantized to 8 bits, and alpha = 100 turns the small differences in the
-attention scores into different attention (scripts/directer_agreement.py measures both shares on
-a quantized model; on the float32 model the steered logits of the two runtimes differ by 1e-4 at
-alpha 100, and every token agrees).
+attention scores into different attention. Measured with scripts/directer_agreement.py on
+Qwen2.5-Coder-0.5B Q4_K_M: plain 84.1% identical tokens, DIRECTER 43.8% (39.6% with a float32 KV
+cache: the cache is not the cause). On the float32 model the steered logits of the two runtimes
+differ by 1e-4 at alpha 100, and every token agrees.
 
 Needs the training extra (torch, transformers)."""
 
