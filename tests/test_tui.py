@@ -241,7 +241,8 @@ async def test_strength_change_reaches_the_reply_in_progress(tmp_path):
         strength.focus()
         await pilot.press("right", "plus")
         turn = last_reply(app)
-        await wait_for(pilot, lambda: len(turn.applied) >= 2 or turn.done, "the worker to take the new mix")
+        # the worker may take 1.25 between the two keys: wait for the final mix
+        await wait_for(pilot, lambda: turn.applied[-1][1].startswith("1.5 x") or turn.done, "the worker to take the new mix")
         await pilot.press("escape")
         await replied(pilot)
         assert strength.value == 1.5 and "+1.50" in rendered(strength)
