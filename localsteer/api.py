@@ -467,12 +467,13 @@ IFEVAL_CONDITIONS = ("plain", "directer", "vector+rej")
 
 def evaluate_ifeval(models: Sequence[tuple[str, Model]], out_dir: str | os.PathLike,
                     conditions: Sequence[str] = IFEVAL_CONDITIONS, sample: int = 200, limit: int | None = None,
-                    max_tokens: int = 1024, settings: Directer = Directer(), log: Callable[[str], None] = print) -> dict:
+                    max_tokens: int = 1024, settings: Directer = Directer(), log: Callable[[str], None] = print,
+                    command: str | None = None) -> dict:
     """`localsteer eval --benchmark ifeval` (localsteer/eval/ifeval_run.py): resumable; returns
-    results.json's content."""
+    results.json's content (`command`, if given, is recorded in it as what made the results)."""
     from .eval import ifeval_run
     return ifeval_run.run(models, Path(out_dir), conditions, sample=sample, limit=limit, max_tokens=max_tokens,
-                          settings=settings, log=log)
+                          settings=settings, log=log, command=command)
 
 
 def check_eval_settings(out_dir: str | os.PathLike, settings: dict) -> None:

@@ -81,21 +81,37 @@ def test_ifeval_runs_scores_and_resumes(tmp_path, monkeypatch):
     scored with IFEval's checkers, and a rerun reads the replies it has instead of generating."""
     pytest.importorskip("if_verifiable")
     from localsteer import api
-    from localsteer.eval import ifeval_run
+    from localsteer.eval import ifeval, ifeval_run
 
     model = api.load_model("smollm2-135m-instruct")
     out = tmp_path / "ifeval"
-    first = api.evaluate_ifeval([("smol", model)], out, ["plain", "directer"], sample=20, limit=2, max_tokens=16,
-                                log=lambda s: None)
-    assert set(first["cells"]) == {"smol|plain", "smol|directer"}
+    conditions = ["plain", "directer", "vector+rej"]
+    first = api.evaluate_ifeval([("smol", model)], out, conditions, sample=20, limit=2, max_tokens=16,
+                                log=lambda s: None, command="localsteer eval --benchmark ifeval ...")
+    assert set(first["cells"]) == {"smol|plain", "smol|directer", "smol|vector+rej"}
     for cell in first["cells"].values():
         assert cell["n_prompts"] == 2 and 0 <= cell["prompt_strict"] <= cell["prompt_loose"] <= 1
-        assert cell["cut"] <= 2
-    assert (out / "results.md").read_text().count("| smol |") == 2
+        assert cell["cut"] <= 2 and 1 <= cell["perplexity"] < 100
+    paired = first["paired"]["smol"]
+    assert paired["n_prompts"] == 2 and set(paired["conditions"]) == set(conditions)
+    assert paired["conditions"]["plain"]["prompt_strict_vs_plain"] == 0
+    assert paired["conditions"]["plain"]["perplexity_vs_plain"] == 1
+    md = (out / "results.md").read_text()
+    assert md.count("| smol |") == 6 and "Made by `localsteer eval --benchmark ifeval ...`" in md
     replies = json.loads((out / "replies.json").read_text())["replies"]
-    assert len(replies) == 4 and all("strict" in r and "response" in r for r in replies.values())
+    assert len(replies) == 6 and all("strict" in r and "response" in r for r in replies.values())
+    # vector+rej: a prompt with no shipped vector for its instructions gets the plain reply, not
+    # generated again; the other (a letter-case instruction) is steered
+    rows = {r["key"]: r for r in ifeval.load_prompts()}
+    has_vector = {k: any(i in ifeval_run.VECTORS for i in rows[int(k.split("|")[2])]["instruction_id_list"])
+                  for k in replies if "|vector+rej|" in k}
+    assert sorted(has_vector.values()) == [False, True]
+    for k, steered in has_vector.items():
+        assert (replies[k].get("reused") == "plain") is not steered
+        if not steered:
+            assert replies[k]["response"] == replies[k.replace("vector+rej", "plain")]["response"]
     monkeypatch.setattr(ifeval_run, "_reply", lambda *a, **k: pytest.fail("a finished reply was generated again"))
-    again = api.evaluate_ifeval([("smol", model)], out, ["plain", "directer"], sample=20, limit=2, max_tokens=16,
+    again = api.evaluate_ifeval([("smol", model)], out, conditions, sample=20, limit=2, max_tokens=16,
                                 log=lambda s: None)
     assert again["cells"] == first["cells"]
     with pytest.raises(api.DatasetError, match="was made with"):

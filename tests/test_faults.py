@@ -79,22 +79,29 @@ def start(*args, env: dict | None = None) -> subprocess.Popen:
 
 
 def signal_midway(proc: subprocess.Popen, sig: int, after: float = 0.0, first_output: bool = False,
-                  appears: Path | None = None, limit: float = 20.0) -> tuple[str, str, float]:
+                  appears: Path | None = None, says: str | None = None, limit: float = 20.0) -> tuple[str, str, float]:
     """Send `sig` once the command is into its work (after `after` seconds, counted from its first
-    byte of output or from the moment a file matching `appears` exists), and wait for it:
-    (stdout, stderr, seconds from the signal to the exit). The command must still be running
-    when the signal is sent."""
+    byte of output, from the moment a file matching `appears` exists, or from its first line on
+    stderr containing `says`), and wait for it: (stdout, stderr, seconds from the signal to the
+    exit). The command must still be running when the signal is sent."""
+    early = b""
     if first_output:
         proc.stdout.read(1)
     if appears is not None:
         while not list(appears.parent.glob(appears.name)) and proc.poll() is None:
             time.sleep(0.02)
+    if says is not None:
+        while says.encode() not in early and proc.poll() is None:
+            early += proc.stderr.readline()
     time.sleep(after)
-    assert proc.poll() is None, "the command finished before it could be interrupted"
+    if proc.poll() is not None:
+        out, err = proc.communicate()
+        pytest.fail(f"the command finished (exit {proc.returncode}) before it could be interrupted: "
+                    f"{(early + err).decode(errors='replace')[-2000:]}")
     t0 = time.monotonic()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=limit)
-    return out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0
+    return out.decode(errors="replace"), (early + err).decode(errors="replace"), time.monotonic() - t0
 
 
 def interrupted(proc: subprocess.Popen, case: str, does: str, sig: int = signal.SIGINT, **kw) -> str:
@@ -173,7 +180,7 @@ def test_ctrl_c_during_kts_train_writes_nothing(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "kts.gguf"
     proc = start("kts", "train", "-m", SMOL, "-v", f"{HAPPY}:1", "--steps", 500, "-o", out)
-    interrupted(proc, "ctrl-c kts", "Ctrl-C during `kts train`", after=8)
+    interrupted(proc, "ctrl-c kts", "Ctrl-C during `kts train`", says="training:", after=1)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -149,6 +149,20 @@ reject_topk_option = click.option("--reject-topk", type=click.IntRange(min=1), d
                                   help="Dynamic rejection: a steered token must be in the plain model's top K.")
 
 
+def directer_options(f):
+    """DIRECTER's settings: --alpha, --directer-p, --directer-trials."""
+    for option in reversed([
+        click.option("--alpha", type=FiniteFloat(min=0, min_open=True), default=100.0, show_default=True,
+                     help="DIRECTER: the factor on the instruction's keys."),
+        click.option("--directer-p", type=FiniteFloat(0, 1, min_open=True), default=0.5, show_default=True,
+                     help="DIRECTER: a steered token passes if its plain probability > this x the plain maximum."),
+        click.option("--directer-trials", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="DIRECTER: layer sets tried per token (all layers, then the most sensitive half, ...)."),
+    ]):
+        f = option(f)
+    return f
+
+
 def sampling_options(f):
     """The sampling chain (llama.cpp's defaults) and the seed."""
     for option in reversed([

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .. import api
-from .base import (FiniteFloat, ctx_option, gpu_option, layers_option, loras_option, main, model_option,
+from .base import (FiniteFloat, ctx_option, directer_options, gpu_option, layers_option, loras_option, main, model_option,
                    reject_topk_option, sampling_options, seed_option, temperature_option, threads_option,
                    vectors_option, verbose_option, when_option)
 
@@ -43,12 +43,7 @@ from .base import (FiniteFloat, ctx_option, gpu_option, layers_option, loras_opt
               help="DIRECTER: append this instruction to PROMPT and steer it by amplifying its keys (no vector).")
 @click.option("--mark", default=None, metavar="TEXT",
               help="DIRECTER: steer this span of PROMPT (it must occur in PROMPT) instead of appending one.")
-@click.option("--alpha", type=FiniteFloat(min=0, min_open=True), default=100.0, show_default=True,
-              help="DIRECTER: the factor on the instruction's keys.")
-@click.option("--directer-p", type=FiniteFloat(0, 1, min_open=True), default=0.5, show_default=True,
-              help="DIRECTER: a steered token passes if its plain probability > this x the plain maximum.")
-@click.option("--directer-trials", type=click.IntRange(min=1), default=10, show_default=True,
-              help="DIRECTER: layer sets tried per token (all layers, then the most sensitive half, ...).")
+@directer_options
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

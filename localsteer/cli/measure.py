@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
 from .. import api
-from .base import (FiniteFloat, force_option, layers_option, loras_option, main, model_option,
+from .base import (FiniteFloat, directer_options, force_option, layers_option, loras_option, main, model_option,
                    progress_bar, threads_option, vectors_option, verbose_option)
 
 
@@ -105,12 +107,13 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
 @click.option("--oversteer", type=FiniteFloat(min=0, min_open=True), default=4.0, show_default=True,
               help="Strength multiplier of the 'over' conditions.")
 @click.option("--conditions", default=None, help="Only these conditions (comma-separated; default: all).")
+@directer_options
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("eval-results"),
               show_default=True, help="Directory for results.json and results.md (a rerun resumes).")
 @threads_option
 @verbose_option
 def eval_(benchmark, model_names, types, compose, limit, max_tokens, sample, reject_topk, reject_minp, reject_fold,
-          oversteer, conditions, out, threads, verbose) -> None:
+          oversteer, conditions, alpha, directer_p, directer_trials, out, threads, verbose) -> None:
     """Instruction-following accuracy, task fidelity and fluency with and without steering."""
     if benchmark == "ifeval":
         cond = [c for c in (conditions or "").split(",") if c] or list(api.IFEVAL_CONDITIONS)
@@ -121,7 +124,8 @@ def eval_(benchmark, model_names, types, compose, limit, max_tokens, sample, rej
             api.check_output(out / name, force=True)  # resumed, but they must be writable files
         models = [(name, api.load_model(name, verbose=verbose)) for name in model_names]
         results = api.evaluate_ifeval(models, out, cond, sample=sample, limit=limit, max_tokens=max_tokens or 1024,
-                                      log=click.echo)
+                                      settings=api.Directer(alpha, directer_p, directer_trials), log=click.echo,
+                                      command=" ".join(["localsteer"] + [shlex.quote(a) for a in sys.argv[1:]]))
         click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} ({len(results['cells'])} cells)")
         return
     max_tokens = max_tokens or 48

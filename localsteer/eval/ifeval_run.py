@@ -19,11 +19,12 @@ resumes where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .. import api
+from .. import api, measure
 from ..errors import DatasetError
 from ..fileio import write_atomic, write_text
 from . import ifeval
@@ -35,8 +36,11 @@ SAMPLE = 200  # a fixed stratified sample, the same for every model and conditio
 
 def run(models: Sequence[tuple[str, api.Model]], out_dir: Path, conditions: Sequence[str] = CONDITIONS,
         sample: int = SAMPLE, limit: int | None = None, max_tokens: int = 1024, settings: api.Directer = api.Directer(),
-        log: Callable[[str], None] = print) -> dict:
-    """Answer and score the sample under each condition; returns results.json's content."""
+        log: Callable[[str], None] = print, command: str | None = None) -> dict:
+    """Answer and score the sample under each condition; returns results.json's content.
+
+    The prompts are the outer loop (each prompt under every condition before the next prompt), so
+    a run stopped midway compares the conditions on the same prompts."""
     rows = ifeval.stratified_sample(ifeval.load_prompts(), sample) if sample < ifeval.N_PROMPTS else ifeval.load_prompts()
     rows = rows[:limit] if limit else rows
     out_dir = Path(out_dir)
@@ -46,23 +50,41 @@ def run(models: Sequence[tuple[str, api.Model]], out_dir: Path, conditions: Sequ
     data = json.loads(path.read_text()) if path.is_file() else {"settings": settings_now, "replies": {}}
     if data["settings"] != settings_now:
         raise DatasetError(f"{path} was made with {data['settings']}, not {settings_now}: use another --out")
+    if command:
+        data["command"] = command
     greedy = api.sampling_config(temperature=0)
     for name, model in models:
-        for condition in conditions:
-            todo = [r for r in rows if f"{name}|{condition}|{r['key']}" not in data["replies"]]
-            log(f"{name} / {condition}: {len(rows) - len(todo)} of {len(rows)} done")
-            for row in todo:
-                t0 = time.perf_counter()
-                reply, statuses = _reply(model, name, condition, row, greedy, max_tokens, settings)
-                seconds = time.perf_counter() - t0
-                scored = ifeval.score(row, reply.text)
-                data["replies"][f"{name}|{condition}|{row['key']}"] = {
-                    "response": reply.text, "n_tokens": len(reply.tokens), "seconds": round(seconds, 2),
-                    "cut": len(reply.tokens) >= max_tokens and not model.is_eog(reply.tokens[-1]),
-                    "statuses": statuses, **scored}
-                write_text(path, json.dumps(data, indent=0, ensure_ascii=False))
-            report(data, rows, out_dir)
+        todo = [r for r in rows if any(f"{name}|{c}|{r['key']}" not in data["replies"] for c in conditions)]
+        log(f"{name}: {len(rows) - len(todo)} of {len(rows)} prompts done under {', '.join(conditions)}")
+        for n, row in enumerate(todo, 1):
+            for condition in conditions:
+                key = f"{name}|{condition}|{row['key']}"
+                if key in data["replies"]:
+                    continue
+                data["replies"][key] = _answer(model, name, condition, row, greedy, max_tokens, settings, data["replies"])
+            write_text(path, json.dumps(data, indent=0, ensure_ascii=False))
+            if n % 10 == 0 or n == len(todo):
+                report(data, rows, out_dir)
+                log(f"{name}: {len(rows) - len(todo) + n} of {len(rows)} prompts done")
     return report(data, rows, out_dir)
+
+
+def _answer(model: api.Model, name: str, condition: str, row: dict, sampling, max_tokens: int,
+            settings: api.Directer, done: dict) -> dict:
+    """One reply, scored, with its perplexity under the plain model. `vector+rej` on a prompt no
+    shipped vector matches is the plain reply (greedy decoding is deterministic): reused when
+    there is one."""
+    vector = next((VECTORS[i] for i in row["instruction_id_list"] if i in VECTORS), None)
+    if condition == "vector+rej" and vector is None and f"{name}|plain|{row['key']}" in done:
+        return {**done[f"{name}|plain|{row['key']}"], "reused": "plain"}
+    t0 = time.perf_counter()
+    reply, statuses = _reply(model, name, condition, row, sampling, max_tokens, settings)
+    seconds = time.perf_counter() - t0
+    ppl = measure.perplexity(model, api.chat_prompt(model, row["prompt"]), reply.tokens)
+    return {"response": reply.text, "n_tokens": len(reply.tokens), "seconds": round(seconds, 2),
+            "cut": len(reply.tokens) >= max_tokens and not model.is_eog(reply.tokens[-1]),
+            "nll": round(math.log(ppl) * len(reply.tokens), 4) if reply.tokens else 0.0,
+            "statuses": statuses, **ifeval.score(row, reply.text)}
 
 
 def _reply(model: api.Model, name: str, condition: str, row: dict, sampling, max_tokens: int,
@@ -83,20 +105,44 @@ def _reply(model: api.Model, name: str, condition: str, row: dict, sampling, max
     return r, {s.value: sum(e.status == s for e in r.events) for s in {e.status for e in r.events}}
 
 
+def _cell(reps: list[dict]) -> dict:
+    s = ifeval.summary(reps)
+    s["cut"] = sum(r["cut"] for r in reps)
+    generated = [r for r in reps if "reused" not in r]
+    s["tokens_per_second"] = round(sum(r["n_tokens"] for r in generated) / max(1e-9, sum(r["seconds"] for r in generated)), 2)
+    n_tokens = sum(r["n_tokens"] for r in reps)
+    s["perplexity"] = round(math.exp(sum(r["nll"] for r in reps) / n_tokens), 4) if n_tokens else float("nan")
+    s["mean_tokens"] = round(n_tokens / len(reps), 1)
+    return s
+
+
 def report(data: dict, rows: Sequence[dict], out_dir: Path) -> dict:
-    """results.json, results.md and results.png from the replies so far."""
-    keys = {r["key"] for r in rows}
-    cells: dict[str, dict] = {}
+    """results.json, results.md and results.png from the replies so far. Besides each cell on
+    the prompts it has, `paired` compares every model's conditions on the prompts all of them
+    have answered: prompt-level strict accuracy and its difference from plain, perplexity (of the
+    replies under the plain model, over all their tokens) and its ratio to plain's."""
+    order = {r["key"]: i for i, r in enumerate(rows)}
+    cells: dict[str, dict[int, dict]] = {}
     for key, rep in data["replies"].items():
         model, condition, k = key.split("|")
-        if int(k) in keys:
-            cells.setdefault(f"{model}|{condition}", []).append(rep)
-    results = {"settings": data["settings"], "n_sample": len(rows), "cells": {}}
+        if int(k) in order:
+            cells.setdefault(f"{model}|{condition}", {})[int(k)] = rep
+    results = {"settings": data["settings"], "command": data.get("command"), "n_sample": len(rows), "cells": {},
+               "paired": {}}
     for cell, reps in sorted(cells.items()):
-        s = ifeval.summary(reps)
-        s["cut"] = sum(r["cut"] for r in reps)
-        s["tokens_per_second"] = round(sum(r["n_tokens"] for r in reps) / max(1e-9, sum(r["seconds"] for r in reps)), 2)
-        results["cells"][cell] = s
+        results["cells"][cell] = _cell(list(reps.values()))
+    for model in sorted({c.split("|")[0] for c in cells}):
+        mine = {c.split("|")[1]: reps for c, reps in cells.items() if c.split("|")[0] == model}
+        common = sorted(set.intersection(*(set(r) for r in mine.values())), key=order.get)
+        if not common:
+            continue
+        paired = {cond: _cell([reps[k] for k in common]) for cond, reps in sorted(mine.items())}
+        base = paired.get("plain")
+        for cond, s in paired.items():
+            if base is not None:
+                s["prompt_strict_vs_plain"] = round(s["prompt_strict"] - base["prompt_strict"], 4)
+                s["perplexity_vs_plain"] = round(s["perplexity"] / base["perplexity"], 4)
+        results["paired"][model] = {"n_prompts": len(common), "conditions": paired}
     write_text(out_dir / "results.json", json.dumps(results, indent=1))
     write_text(out_dir / "results.md", markdown(results))
     _plot(results, out_dir / "results.png")
@@ -106,16 +152,33 @@ def report(data: dict, rows: Sequence[dict], out_dir: Path) -> dict:
 def markdown(results: dict) -> str:
     st = results["settings"]
     lines = [f"IFEval, {results['n_sample']} prompts (a fixed stratified sample of {st['sample']}), greedy, at most "
-             f"{st['max_tokens']} tokens a reply; DIRECTER alpha {st['alpha']:g}, p {st['p']:g}, {st['trials']} trials. "
-             "Scored with the IFEval checkers of `if-verifiable`; nltk's trained punkt data is not installed: an "
-             "untrained Punkt tokenizer counts sentences and splits words (localsteer/eval/ifeval.py).", "",
-             "| model | condition | prompts scored | prompt strict | prompt loose | instruction strict | "
-             "instruction loose | replies cut | tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{st['max_tokens']} tokens a reply; DIRECTER alpha {st['alpha']:g}, p {st['p']:g}, {st['trials']} trials, "
+             "the whole user message amplified. Scored with the IFEval checkers of `if-verifiable`; nltk's trained "
+             "punkt data is not installed: an untrained Punkt tokenizer counts sentences and splits words "
+             "(localsteer/eval/ifeval.py). Perplexity: of the replies under the plain model, over all their tokens."]
+    if results.get("command"):
+        lines += ["", f"Made by `{results['command']}` (it resumes where it stopped)."]
+    if results["paired"]:
+        lines += ["", "Paired: each model's conditions on the prompts all of them have answered.", "",
+                  "| model | condition | prompts | prompt strict | vs plain | prompt loose | instruction strict | "
+                  "instruction loose | perplexity | vs plain | replies cut |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for model, p in results["paired"].items():
+            for cond, s in p["conditions"].items():
+                vs = s.get("prompt_strict_vs_plain")
+                ratio = s.get("perplexity_vs_plain")
+                lines.append(f"| {model} | {cond} | {p['n_prompts']} | {s['prompt_strict']:.1%} | "
+                             f"{'' if vs is None else f'{100 * vs:+.1f}'} | {s['prompt_loose']:.1%} | "
+                             f"{s['instruction_strict']:.1%} | {s['instruction_loose']:.1%} | {s['perplexity']:.3f} | "
+                             f"{'' if ratio is None else f'{ratio:.3f}x'} | {s['cut']} |")
+    lines += ["", "Every cell on the prompts it has answered:", "",
+              "| model | condition | prompts scored | prompt strict | prompt loose | instruction strict | "
+              "instruction loose | perplexity | mean tokens | replies cut | tok/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell, s in results["cells"].items():
         model, condition = cell.split("|")
         lines.append(f"| {model} | {condition} | {s['n_prompts']} | {s['prompt_strict']:.1%} | {s['prompt_loose']:.1%} | "
-                     f"{s['instruction_strict']:.1%} | {s['instruction_loose']:.1%} | {s['cut']} | "
-                     f"{s['tokens_per_second']:.1f} |")
+                     f"{s['instruction_strict']:.1%} | {s['instruction_loose']:.1%} | {s['perplexity']:.3f} | "
+                     f"{s['mean_tokens']:.0f} | {s['cut']} | {s['tokens_per_second']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -126,15 +189,16 @@ def _plot(results: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    cells = results["cells"]
+    cells = {f"{m}\n{c}\n({p['n_prompts']} prompts)": s for m, p in results["paired"].items()
+             for c, s in p["conditions"].items()}
     if not cells:
         return
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(cells)), 3.2))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(cells)), 3.4))
     names = list(cells)
     ax.bar(range(len(names)), [100 * cells[c]["prompt_strict"] for c in names])
-    ax.set_xticks(range(len(names)), [c.replace("|", "\n") for c in names], fontsize=7)
+    ax.set_xticks(range(len(names)), names, fontsize=6)
     ax.set_ylabel("prompt-level strict, %", fontsize=8)
-    ax.set_title(f"IFEval, {results['n_sample']} prompts", fontsize=9)
+    ax.set_title(f"IFEval (sample of {results['n_sample']}), each model's conditions on the same prompts", fontsize=8)
     fig.tight_layout()
     try:
         write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
