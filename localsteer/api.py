@@ -380,9 +380,12 @@ def generate(model: Model, prompt: str | Sequence[dict], steering: Steering,
 def generate_directer(model: Model, prompt: str, instruction: str | None = None, mark: str | None = None,
                       settings: Directer = Directer(), sampling: Sampling = Sampling(), max_tokens: int = 128,
                       raw: bool = False, system: str | None = None, n_threads: int | None = None,
-                      stream: Callable[[str], None] | None = None, n_ctx: int = 4096) -> RunResult:
+                      stream: Callable[[str], None] | None = None, n_ctx: int = 4096,
+                      steering: Steering | None = None) -> RunResult:
     """A reply steered by DIRECTER (localsteer/directer.py): `instruction` is appended to the
-    prompt and amplified there, or `mark` names a span of the prompt to amplify (one of them)."""
+    prompt and amplified there, or `mark` names a span of the prompt to amplify (one of them).
+    With `steering` (control vectors), the steered pass adds them too, and each steered token
+    takes DIRECTER's test against the plain model (`directer.InstructionSteerer`)."""
     if (instruction is None) == (mark is None):
         raise InstructionError("give the instruction to append, or the span of the prompt to mark (one of them)")
     text = f"{prompt} {instruction.strip()}" if instruction is not None else prompt
@@ -395,7 +398,10 @@ def generate_directer(model: Model, prompt: str, instruction: str | None = None,
     check_prompt_fits(model, len(tokens), n_ctx)
     span = find_span(model, tokens, full, span_text)
     sampling = sampling.resolved()
-    steerer = InstructionSteerer(model, span, settings, n_ctx=n_ctx, n_threads=n_threads)
+    vector = steering.vector if steering is not None else None
+    steerer = InstructionSteerer(model, span, settings, n_ctx=n_ctx, n_threads=n_threads,
+                                 vector=None if vector is None else vector.directions,
+                                 vector_layers=steering.layers if vector is not None else ())
 
     def on_token(ev: TokenEvent, end: bool, seconds: float) -> None:
         if stream and not end:
@@ -412,6 +418,9 @@ def generate_directer(model: Model, prompt: str, instruction: str | None = None,
     if reply.context_full:
         extra["context_full"] = True
     described = f"DIRECTER x{settings.alpha:g} on {span_text.strip()!r} (prompt tokens {span[0]}-{span[1] - 1})"
+    if vector is not None:
+        described += f" + {steering.describe()}"
+        extra["vectors"] = [{"file": f, "scale": sc} for f, sc in steering.parts]
     return RunResult(reply.text, reply.tokens, reply.events, reply.seconds, reply.n_prompt, reply.stopped,
                      reply.context_full, extra, model=model.info.name, steering=described)
 

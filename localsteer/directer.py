@@ -21,6 +21,9 @@ Sampling: the steered distribution of each trial is sampled (seeded by position 
 sampled token takes the same test, and the skip test is not used (it is exact for greedy only).
 The sensitivity ranking is computed once per reply, at the first token that needs a second
 trial: each layer alone, KL(plain || steered) of that token's distribution, most disturbed first.
+
+With control vectors, the steered pass adds them too (on their layers within the trial's set);
+the plain pass never has them (`InstructionSteerer`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import LocalsteerError
-from .runtime import KeyScale, Model
+from .runtime import Callbacks, KeyScale, Model, RowSteer
 from .sampling import Sampling, softmax
 from .steer import Status, TokenEvent
 
@@ -91,10 +94,17 @@ def find_span(model: Model, tokens: Sequence[int], text: str, instruction: str) 
 
 class InstructionSteerer:
     """Generates with DIRECTER from one model: `generate(prompt, max_tokens, sampling)` yields a
-    `TokenEvent` per token (the `reply.run` interface), steering the prompt tokens `span`."""
+    `TokenEvent` per token (the `reply.run` interface), steering the prompt tokens `span`.
+
+    With a control vector (`vector`: directions `(n_layer, n_embd)`, `vector_layers` its active
+    layers) the steered pass is both: the instruction's keys amplified in the layer set of the
+    trial and the vector added (`runtime.RowSteer`, to the steered row only) on its layers within
+    that set; the plain pass has neither. Weakening a token thus weakens both, and the sensitivity
+    ranking measures each layer with both."""
 
     def __init__(self, model: Model, span: tuple[int, int], settings: Directer = Directer(),
-                 n_ctx: int = 4096, n_threads: int | None = None, top_n_events: int = 5, kv_f32: bool = False):
+                 n_ctx: int = 4096, n_threads: int | None = None, top_n_events: int = 5, kv_f32: bool = False,
+                 vector: np.ndarray | None = None, vector_layers: Sequence[int] = ()):
         self.model = model
         self.span = span
         self.settings = settings
@@ -102,8 +112,12 @@ class InstructionSteerer:
         self.top_n_events = top_n_events
         self.layers = tuple(range(model.n_layer))
         self._scale = KeyScale()
+        self._vector = RowSteer() if vector is not None and len(vector_layers) else None
+        self._directions = vector
+        self._vector_layers = frozenset(vector_layers)
+        capture = self._scale if self._vector is None else Callbacks(self._scale, self._vector)
         # the plain reply, and one cell more for the steered row of the token being decoded
-        self._ctx = model.context(n_ctx=n_ctx + 8, n_seq_max=2, n_threads=n_threads, capture=self._scale,
+        self._ctx = model.context(n_ctx=n_ctx + 8, n_seq_max=2, n_threads=n_threads, capture=capture,
                                   flash_attn=False, kv_f32=kv_f32)
         self.ranking: tuple[int, ...] | None = None
 
@@ -116,7 +130,7 @@ class InstructionSteerer:
         """Decode `token` at `pos` plain (sequence 0) and steered on every layer (sequence 1);
         their logits. Sequence 1 then shares sequence 0's entry for it."""
         ctx = self._ctx
-        self._scale.set(self.layers, range(*self.span), self.settings.alpha, rows=[1])
+        self._steer(self.layers, rows=[1])
         ctx.decode([token, token], [pos, pos], [0, 1], [True, True])
         plain, steered = ctx.logits(0), ctx.logits(1)
         self._rejoin(pos)
@@ -125,7 +139,7 @@ class InstructionSteerer:
     def _plain(self, token: int, pos: int) -> np.ndarray:
         """Decode `token` at `pos` on sequence 0 alone; sequence 1 gets its own entry there when
         the steered pass runs (`_steered`), else shares this one."""
-        self._scale.set([], [], 1.0, [])
+        self._steer((), rows=[])
         self._ctx.decode([token], [pos], [0], [True])
         return self._ctx.logits()
 
@@ -133,11 +147,19 @@ class InstructionSteerer:
         """`token` at `pos` evaluated again on sequence 1 alone, keys scaled in `layers` only."""
         ctx = self._ctx
         ctx.remove(1, pos, -1)
-        self._scale.set(layers, range(*self.span), self.settings.alpha, rows=[0])
+        self._steer(layers, rows=[0])
         ctx.decode([token], [pos], [1], [True])
         logits = ctx.logits()
         self._rejoin(pos)
         return logits
+
+    def _steer(self, layers: Sequence[int], rows: list[int]) -> None:
+        """The next decode steers `rows` (of its batch) in `layers`: keys scaled, and the vector
+        added where it is active (no rows: nothing steered)."""
+        self._scale.set(layers if rows else (), range(*self.span), self.settings.alpha, rows)
+        if self._vector is not None:
+            self._vector.rows = rows
+            self._vector.set(self._directions, sorted(self._vector_layers.intersection(layers)) if rows else ())
 
     def _rejoin(self, pos: int) -> None:
         self._ctx.remove(1, pos, -1)  # the steered pass's own cache entry is dropped...
@@ -164,7 +186,7 @@ class InstructionSteerer:
         max_tokens = min(max_tokens, self.n_ctx - len(prompt))
         model, ctx, st = self.model, self._ctx, self.settings
         ctx.clear()
-        self._scale.set([], [], 1.0, [])
+        self._steer((), rows=[])
         ctx.decode_sequence(list(prompt[:-1]), 0, seq_id=0)
         ctx.share(0, 1)
         self.ranking = None

@@ -271,6 +271,26 @@ class KeyScale(_EvalCallback):
         _ggml_base.ggml_backend_tensor_set(tensor, scores.ctypes.data, 0, scores.nbytes)
 
 
+class Callbacks(_EvalCallback):
+    """Several eval callbacks on one context (e.g. `KeyScale` and `RowSteer`: DIRECTER with a
+    control vector): each tensor goes to the first part that wants it."""
+
+    def __init__(self, *parts: _EvalCallback):
+        super().__init__()
+        self.parts = parts
+
+    def wants(self, name: bytes) -> int | None:
+        return next((il for il in (p.wants(name) for p in self.parts) if il is not None), None)
+
+    def on_tensor(self, tensor: int, il: int) -> None:
+        name = _ggml_base.ggml_get_name(tensor)
+        for part in self.parts:
+            at = part.wants(name)
+            if at is not None:
+                part.on_tensor(tensor, at)
+                return
+
+
 # --- model and contexts ----------------------------------------------------------------------
 
 
@@ -432,7 +452,7 @@ class Model:
         raise ModelError("chat template output did not fit its buffer")
 
     def context(self, n_ctx: int = 4096, n_batch: int = 512, n_seq_max: int = 1,
-                n_threads: int | None = None, capture: Capture | RowSteer | KeyScale | None = None,
+                n_threads: int | None = None, capture: _EvalCallback | None = None,
                 flash_attn: bool | None = None, kv_f32: bool = False) -> "Context":
         """A context; `flash_attn` None lets llama.cpp decide (its default), False turns it off
         (`KeyScale` needs the attention scores it skips); `kv_f32` keeps the KV cache in float32
@@ -504,7 +524,7 @@ class Context:
     """One llama.cpp context (its own KV cache and control vector) over a shared `Model`."""
 
     def __init__(self, model: Model, n_ctx: int, n_batch: int, n_seq_max: int,
-                 n_threads: int | None, capture: Capture | RowSteer | KeyScale | None, flash_attn: bool | None = None,
+                 n_threads: int | None, capture: _EvalCallback | None, flash_attn: bool | None = None,
                  kv_f32: bool = False):
         self.model = model
         self.capture = capture

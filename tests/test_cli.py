@@ -72,6 +72,15 @@ def test_generate_json(vector_file):
     assert obj["events"][0]["status"] == "steered"
 
 
+def test_generate_directer_with_a_vector():
+    obj = json.loads(ls("generate", "--instruction", "Answer in French.", "-v", "happy-sad:4", "--layers", "8-16",
+                        "--temp", "0", "-n", "8", "--json", "--events", "Describe the ocean.").stdout)
+    assert obj["n_tokens"] == len(obj["events"]) <= 8
+    steering = obj["steering"]
+    assert steering.startswith("DIRECTER x100 on 'Answer in French.'") and "happy-sad.gguf on layers 8-16" in steering
+    assert obj["vectors"][0]["scale"] == 4 and set(obj["directer"]["tokens"]) == {"skipped", "steered", "weakened", "plain"}
+
+
 def test_generate_streams_text_and_greedy_is_deterministic():
     a = ls("generate", "--temp", "0", "-n", "16", "What is the capital of France?")
     b = ls("generate", "--temp", "0", "-n", "16", "What is the capital of France?")

@@ -11,6 +11,7 @@ from localsteer import api
 from localsteer.directer import Directer, InstructionError, InstructionSteerer, find_span
 from localsteer.reply import run
 from localsteer.runtime import KeyScale, supports_gpu_offload
+from localsteer.sampling import softmax
 from localsteer.steer import Status
 
 GREEDY = api.sampling_config(temperature=0)
@@ -141,3 +142,55 @@ def test_the_reply_loop_drives_it(smol):
     finally:
         steerer.close()
     assert len(reply.tokens) == 1 and reply.stopped  # stopped after the first token, as asked
+
+
+def _first_pass(model, span, toks, alpha, steering):
+    """Both rows of the first reply token, from a steerer with `steering`'s vector if any."""
+    vector = steering.vector
+    st = InstructionSteerer(model, span, Directer(alpha=alpha), n_ctx=256,
+                            vector=None if vector is None else vector.directions, vector_layers=steering.layers)
+    try:
+        st._ctx.clear()
+        st._steer((), rows=[])
+        st._ctx.decode_sequence(toks[:-1], 0, seq_id=0)
+        st._ctx.share(0, 1)
+        return st._both(toks[-1], len(toks) - 1)
+    finally:
+        st.close()
+
+
+@ON_GPU
+def test_a_vector_joins_the_steered_pass_only(smol):
+    """DIRECTER with a control vector: the plain row sees neither the scaled keys nor the vector;
+    at alpha 1 the steered row is the vector alone, as llama.cpp's own control vector gives it
+    (on the token being decoded: the prompt's cache is the plain one)."""
+    happy = api.steering_from_specs(smol, ["happy-sad:4"])
+    none = api.Steering(None, ())
+    full, toks = templated(smol, PROMPT)
+    span = find_span(smol, toks, full, FRENCH)
+    plain, keys_only = _first_pass(smol, span, toks, 100.0, none)
+    plain_v, both = _first_pass(smol, span, toks, 100.0, happy)
+    plain_v1, vector_only = _first_pass(smol, span, toks, 1.0, happy)
+    np.testing.assert_array_equal(plain, plain_v)
+    np.testing.assert_array_equal(plain, plain_v1)
+    with smol.context(n_ctx=256, flash_attn=False) as ctx:  # the prompt plain, the last token with the vector
+        ctx.decode_sequence(toks[:-1], 0)
+        ctx.set_control(happy.vector.directions, min(happy.layers), max(happy.layers))
+        ctx.decode([toks[-1]], [len(toks) - 1], [0], [True])
+        reference = ctx.logits()
+    np.testing.assert_allclose(softmax(vector_only), softmax(reference), atol=1e-6)
+    assert np.abs(softmax(vector_only) - softmax(plain)).max() > 1e-3  # the vector does something here
+    assert np.abs(both - keys_only).max() > 0.5 and np.abs(both - vector_only).max() > 0.5
+
+
+def test_directer_with_a_vector_end_to_end(smol):
+    settings = Directer()
+    happy = api.steering_from_specs(smol, ["happy-sad:4"])
+    out = api.generate_directer(smol, PROMPT, mark=FRENCH, settings=settings, sampling=GREEDY, max_tokens=32,
+                                steering=happy)
+    check_events(out.events, settings, greedy=True)
+    alone = api.generate_directer(smol, PROMPT, mark=FRENCH, settings=settings, sampling=GREEDY, max_tokens=32)
+    # the vector moves the steered pass: the steered probabilities of the tokens that had one
+    assert [e.steered_prob for e in out.events] != [e.steered_prob for e in alone.events]
+    assert out.extra["vectors"] == [{"file": happy.parts[0][0], "scale": 4.0}]
+    assert "DIRECTER x100" in out.steering and "4 x happy-sad.gguf" in out.steering

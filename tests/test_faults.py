@@ -442,6 +442,8 @@ BAD_OPTIONS = [
     ("--alpha inf", ("generate", "--alpha", "inf", "--instruction", "Be brief.", "hi"), "not a finite number"),
     ("--directer-p 0", ("generate", "--directer-p", 0, "--instruction", "Be brief.", "hi"), "not in the range 0<x<=1"),
     ("--directer-p 2", ("generate", "--directer-p", 2, "--instruction", "Be brief.", "hi"), "not in the range 0<x<=1"),
+    ("--instruction --reject-topk", ("generate", "--instruction", "Be brief.", "--reject-topk", 20, "hi"),
+     "has its own test"),
 ]
 
 

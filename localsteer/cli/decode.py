@@ -60,14 +60,14 @@ def generate(model, vectors, layers, max_tokens, temperature, top_k, top_p, min_
     if instruction is not None or mark is not None:
         if instruction is not None and mark is not None:
             raise click.UsageError("--instruction appends an instruction, --mark names one in PROMPT: give one")
-        if vectors or loras or when or reject_topk is not None or reject_minp is not None or layers is not None:
-            raise click.UsageError("DIRECTER (--instruction/--mark) does not combine with --vector, --lora, --when, "
-                                   "--layers or --reject-* yet")
+        if loras or when or reject_topk is not None or reject_minp is not None:
+            raise click.UsageError("DIRECTER (--instruction/--mark) has its own test: it does not combine with "
+                                   "--reject-*, --lora or --when")
         lm = api.load_model(model, gpu_layers=gpu_layers, verbose=verbose)
         run = api.generate_directer(lm, prompt, instruction, mark, api.Directer(alpha, directer_p, directer_trials),
                                     api.sampling_config(temperature, top_k, top_p, min_p, seed), max_tokens, raw=raw,
                                     system=system, n_threads=threads, stream=None if as_json else _stream_echo,
-                                    n_ctx=n_ctx)
+                                    n_ctx=n_ctx, steering=api.steering_from_specs(lm, vectors, layers))
         if as_json:
             click.echo(json.dumps(run.as_dict(events=events), ensure_ascii=False))
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -115,6 +116,8 @@ ALL_TYPES = "lowercase,uppercase,json,include_word,exclude_word,short,no_commas"
 def eval_(benchmark, model_names, types, compose, limit, max_tokens, sample, reject_topk, reject_minp, reject_fold,
           oversteer, conditions, alpha, directer_p, directer_trials, out, threads, verbose) -> None:
     """Instruction-following accuracy, task fidelity and fluency with and without steering."""
+    if threads:
+        os.environ["LOCALSTEER_THREADS"] = str(threads)  # every context this process makes
     if benchmark == "ifeval":
         cond = [c for c in (conditions or "").split(",") if c] or list(api.IFEVAL_CONDITIONS)
         if set(cond) - set(api.IFEVAL_CONDITIONS):
