@@ -425,6 +425,13 @@ def generate_directer(model: Model, prompt: str, instruction: str | None = None,
                      reply.context_full, extra, model=model.info.name, steering=described)
 
 
+def instruction_span(model: Model, prompt: Sequence[int], instruction: str) -> tuple[int, int]:
+    """The tokens [start, end) of the `prompt` tokens that spell `instruction` (its last
+    occurrence): what DIRECTER amplifies. An `InstructionError` if it is not there."""
+    text = b"".join(model.piece(t, special=True) for t in prompt).decode("utf-8", "replace")
+    return find_span(model, prompt, text, instruction)
+
+
 # --- side effects -------------------------------------------------------------------------------
 
 BENIGN = shipped.datasets() / "benign.jsonl"
@@ -617,7 +624,7 @@ __all__ = [
     "load_vector", "parse_layers", "parse_spec", "same_sides", "shipped", "steering_from_specs", "suggested_layers",
     "vector_file", "vector_spec",
     # generation
-    "Directer", "InstructionError", "generate_directer",
+    "Directer", "InstructionError", "InstructionSteerer", "generate_directer", "instruction_span",
     "Reply", "Status", "acceptance", "chat_prompt", "check_prompt_fits", "fold_for", "generate", "importance_order",
     "load_adapters", "make_steerer", "rejection_config", "run_reply", "sampling_config",
     # side effects, probes, refusal, KTS, evaluation

@@ -112,10 +112,10 @@ class InstructionSteerer:
         self.top_n_events = top_n_events
         self.layers = tuple(range(model.n_layer))
         self._scale = KeyScale()
-        self._vector = RowSteer() if vector is not None and len(vector_layers) else None
-        self._directions = vector
-        self._vector_layers = frozenset(vector_layers)
-        capture = self._scale if self._vector is None else Callbacks(self._scale, self._vector)
+        self._vector = RowSteer()
+        self.amplify = True
+        self.set_steering(True, vector, vector_layers)
+        capture = Callbacks(self._scale, self._vector)
         # the plain reply, and one cell more for the steered row of the token being decoded
         self._ctx = model.context(n_ctx=n_ctx + 8, n_seq_max=2, n_threads=n_threads, capture=capture,
                                   flash_attn=False, kv_f32=kv_f32)
@@ -123,6 +123,19 @@ class InstructionSteerer:
 
     def close(self) -> None:
         self._ctx.close()
+
+    def set_steering(self, amplify: bool, vector: np.ndarray | None = None, vector_layers: Sequence[int] = ()) -> None:
+        """What the steered pass does from the next token on: amplify the instruction or not, and
+        which vector it adds (the chat switches both live). With neither, tokens are plain
+        (`Status.UNSTEERED`) and cost one single-row decode."""
+        self.amplify = bool(amplify)
+        self._directions = vector if vector is not None and len(vector_layers) else None
+        self._vector_layers = frozenset(vector_layers) if self._directions is not None else frozenset()
+        self.ranking = None  # ranked for the old steering
+
+    @property
+    def steers(self) -> bool:
+        return self.amplify or self._directions is not None
 
     # --- the two passes ----------------------------------------------------------------------
 
@@ -156,10 +169,9 @@ class InstructionSteerer:
     def _steer(self, layers: Sequence[int], rows: list[int]) -> None:
         """The next decode steers `rows` (of its batch) in `layers`: keys scaled, and the vector
         added where it is active (no rows: nothing steered)."""
-        self._scale.set(layers if rows else (), range(*self.span), self.settings.alpha, rows)
-        if self._vector is not None:
-            self._vector.rows = rows
-            self._vector.set(self._directions, sorted(self._vector_layers.intersection(layers)) if rows else ())
+        self._scale.set(layers if rows and self.amplify else (), range(*self.span), self.settings.alpha, rows)
+        self._vector.rows = rows
+        self._vector.set(self._directions, sorted(self._vector_layers.intersection(layers)) if rows else ())
 
     def _rejoin(self, pos: int) -> None:
         self._ctx.remove(1, pos, -1)  # the steered pass's own cache entry is dropped...
@@ -194,7 +206,12 @@ class InstructionSteerer:
         token, pos = prompt[-1], len(prompt) - 1
         for step in range(max_tokens):
             rounds, layers, s_prob = 0, (), None
-            if sampling.greedy:
+            if not self.steers:
+                plain, steered = self._plain(token, pos), None
+                probs = softmax(plain)
+                choice, status = sampling.choose(plain, step, 0), Status.UNSTEERED
+                ctx.share(0, 1, pos, pos + 1)
+            elif sampling.greedy:
                 # the plain pass first: where the skip test passes, no steered pass is needed
                 plain, steered = self._plain(token, pos), None
                 probs = softmax(plain)

@@ -6,6 +6,7 @@ Replies are greedy and short, so the app's output can be checked against `api.ge
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import html
 import json
@@ -667,3 +668,57 @@ def test_mix_rejection_is_case_folded_for_case_rewrite_vectors(smol):
     assert mixed.rejection.fold == "case"
     assert choose(smol, MixSettings(parts=((happy, 1.0),), reject=True)).rejection.fold == "none"
     assert choose(smol, MixSettings(parts=((rewrite, 1.0),), reject=False)).rejection is None
+
+
+# --- DIRECTER: the pinned instruction, amplified ----------------------------------------------
+
+FRENCH = "Answer in French."
+
+
+@drive
+async def test_pinned_instruction_is_the_system_prompt_and_amplify_switches_live(smol, tmp_path):
+    app = make_app(tmp_path, instruction=FRENCH, amplify=True, max_tokens=200)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        assert app.choice.directer is not None and app.choice.instruction == FRENCH
+        assert rendered(app.query_one(StatusBar)).count("DIRECTER")
+        await send(pilot, "Describe the ocean.")
+        turn = last_reply(app)
+        await wait_for(pilot, lambda: len(turn.events) >= 4 or turn.done, "the first tokens")
+        amplify = app.query_one("#amplify", OnOff)
+        amplify.focus()
+        await pilot.press("space")  # off, during the reply
+        await wait_for(pilot, lambda: len(turn.applied) >= 2 or turn.done, "the worker to take the switch")
+        await pilot.press("escape")
+        await replied(pilot)
+        assert turn.applied[0] == (0, "DIRECTER x100 on the instruction")
+        start, description = turn.applied[-1]
+        assert description == "no steering" and 0 < start <= len(turn.events)
+        before, after = turn.events[:start], turn.events[start:]
+        assert {e.status for e in before} <= {api.Status.SKIPPED, api.Status.STEERED, api.Status.WEAKENED,
+                                              api.Status.PLAIN}
+        assert after and {e.status for e in after} == {api.Status.UNSTEERED}
+
+        # the first reply of a fresh chat, amplified again: DIRECTER's reply with the system prompt
+        await pilot.press("space")
+        await pilot.pause()
+        assert app.choice.directer is not None
+        await pilot.press("ctrl+n")
+        app.options = dataclasses.replace(app.options, max_tokens=16)
+        await send(pilot, "Describe the ocean.")
+        await replied(pilot)
+        want = api.generate_directer(smol, "Describe the ocean.", mark=FRENCH, system=FRENCH, sampling=GREEDY,
+                                     max_tokens=16, n_threads=1)
+        assert last_reply(app).text == want.text
+        assert [e.status for e in last_reply(app).events] == [e.status for e in want.events]
+
+
+@drive
+async def test_amplify_with_a_probe_is_refused(smol, tmp_path):
+    app = make_app(tmp_path, instruction=FRENCH, amplify=True, adapters=())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        app.session.gate = object()  # as `chat --when PROBE` loads one
+        app._settings = None
+        app._apply_settings(app.panel.settings())
+        assert any("does not combine with --lora or --when" in note for _, note in app.notes)

@@ -125,7 +125,8 @@ class ChatApp(App[None]):
         for problem in msg.problems:
             self.notify(problem, title="vector skipped", severity="error", timeout=15, markup=False)
         self.panel.load(msg.entries, self._initial_layers(msg.entries, model.n_layer),
-                        self.options.reject_topk is not None, self.options.reject_topk or 20, model.n_layer)
+                        self.options.reject_topk is not None, self.options.reject_topk or 20, model.n_layer,
+                        self.options.instruction, self.options.amplify)
         self._apply_settings(self.panel.settings())
 
     def _initial_layers(self, entries: list[catalog.VectorEntry], n_layer: int) -> str:
@@ -153,15 +154,20 @@ class ChatApp(App[None]):
         if self.session is None or settings == self._settings:
             return
         try:
-            choice = mix.choose(self.session.model, settings)
+            choice = mix.choose(self.session.model, settings, self.options.directer)
+            if choice.directer is not None and (self.session.gate is not None or self.session.adapters):
+                raise ValueError("amplifying the instruction (DIRECTER) does not combine with --lora or --when")
         except (LocalsteerError, ValueError) as e:
             self.notify(str(e), title="steering not changed", severity="error", markup=False)
             return
+        if settings.amplify and not settings.instruction:
+            self.notify("pin an instruction to amplify (the field above the switch)", severity="warning", markup=False)
         self._settings = settings
         self.choice = choice
         self.mailbox.put(choice)
         self.status.layers = format_layers(choice.steering.layers)
-        self.status.rejection = f"reject top-{choice.rejection.topk}" if choice.rejection else ""
+        self.status.rejection = ("DIRECTER" if choice.directer is not None
+                                 else f"reject top-{choice.rejection.topk}" if choice.rejection else "")
         self.status.kl = mix.stored_kl(self.session.model, settings)
 
     # --- chatting -------------------------------------------------------------------------------

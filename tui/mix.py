@@ -15,12 +15,15 @@ from localsteer.api import ControlVector, LocalsteerError, Model, Rejection, for
 @dataclass(frozen=True)
 class MixSettings:
     """What the panel shows: the vectors switched on with their strengths, the layer range
-    (e.g. "7-24"), rejection on/off and its top-k."""
+    (e.g. "7-24"), rejection on/off and its top-k, the pinned instruction (the system prompt)
+    and whether DIRECTER amplifies it."""
 
     parts: tuple[tuple[Path, float], ...] = ()
     layers: str = ""
     reject: bool = False
     topk: int = 20
+    instruction: str = ""
+    amplify: bool = False
 
     def specs(self) -> list[str]:
         return [f"{path}:{scale!r}" for path, scale in self.parts]
@@ -32,9 +35,15 @@ class Choice:
 
     steering: api.Steering
     rejection: Rejection | None
+    instruction: str = ""  # the system prompt
+    directer: api.Directer | None = None  # amplify the instruction (DIRECTER), with these settings
 
     def describe(self) -> str:
         text = "no steering" if self.steering.vector is None else self.steering.describe()
+        if self.directer is not None:
+            text = f"DIRECTER x{self.directer.alpha:g} on the instruction" + (
+                "" if self.steering.vector is None else f" + {text}")
+            return text  # DIRECTER's own test, not the panel's rejection
         if self.rejection is None:
             return text
         return text + f"; reject top-{self.rejection.topk}" + (", up to case" if self.rejection.fold != "none" else "")
@@ -43,13 +52,16 @@ class Choice:
 PLAIN = Choice(api.Steering(None, ()), None)
 
 
-def choose(model: Model, settings: MixSettings) -> Choice:
+def choose(model: Model, settings: MixSettings, directer: api.Directer = api.Directer()) -> Choice:
     """The mix for `model`; raises `LocalsteerError` (bad layers, a vector that does not fit)
-    or `ValueError` (bad top-k)."""
+    or `ValueError` (bad top-k). `directer`: DIRECTER's settings, used when the instruction is
+    amplified."""
     steering = api.steering_from_specs(model, settings.specs(), settings.layers or None)
     # case-rewrite vectors ask for plausibility up to letter case (as `generate --reject-fold auto`)
     fold = api.fold_for(settings.specs(), model) if settings.reject and settings.parts else "none"
-    return Choice(steering, api.rejection_config(settings.topk if settings.reject else None, fold=fold))
+    instruction = settings.instruction.strip()
+    return Choice(steering, api.rejection_config(settings.topk if settings.reject else None, fold=fold),
+                  instruction, directer if settings.amplify and instruction else None)
 
 
 class Mailbox:

@@ -17,7 +17,8 @@ class ChatOptions:
     vectors for the model (`shipped_dir/<model name>/*.gguf`) and the user's (`user_dir`), off.
     `adapters` (e.g. the refusal ablation of `localsteer refusal direction`) stay on all session:
     plain and steered replies both come from the adapted model. `when` is a probe file (`localsteer
-    probe train`): a turn is steered only if the probe flags its prompt.
+    probe train`): a turn is steered only if the probe flags its prompt. `instruction` is pinned as
+    the system prompt; `amplify` starts with DIRECTER amplifying it (`directer`: its settings).
     """
 
     model: str = api.DEFAULT_MODEL
@@ -26,6 +27,9 @@ class ChatOptions:
     when: str | None = None  # a probe file: steer only the turns it flags
     layers: str | None = None
     reject_topk: int | None = None
+    instruction: str = ""
+    amplify: bool = False
+    directer: api.Directer = field(default_factory=api.Directer)
     max_tokens: int = 256
     sampling: Sampling = field(default_factory=api.sampling_config)
     threads: int | None = None

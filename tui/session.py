@@ -7,6 +7,7 @@ comes second waits (queues) until the first is done or cancelled.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -45,10 +46,14 @@ class Session:
                                         adapters=adapters)
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
+        self._n_threads = n_threads
+        self._directer: api.InstructionSteerer | None = None  # made at the first amplified reply
 
     def close(self) -> None:
         with self._lock:
             self.steerer.close()
+            if self._directer is not None:
+                self._directer.close()
             self.model.close()
 
     @contextmanager
@@ -66,13 +71,13 @@ class Session:
 
     # --- replies --------------------------------------------------------------------------------
 
-    def prompt(self, messages: Sequence[dict], max_tokens: int) -> tuple[list[int], int]:
-        """Prompt tokens for the conversation, and how many of its oldest messages were left out
-        so that the reply still fits the context."""
+    def prompt(self, messages: Sequence[dict], max_tokens: int, system: str | None = None) -> tuple[list[int], int]:
+        """Prompt tokens for the conversation (after the `system` message, if any), and how many
+        of its oldest messages were left out so that the reply still fits the context."""
         messages = list(messages)
         dropped = 0
         while True:
-            tokens = api.chat_prompt(self.model, messages)
+            tokens = api.chat_prompt(self.model, messages, system=system)
             if len(tokens) + min(max_tokens, 128) <= self.n_ctx:
                 return tokens, dropped
             if len(messages) <= 1:
@@ -96,9 +101,12 @@ class Session:
         """Generate a reply to `messages`, steered by the mailbox's latest choice, which may
         change between two tokens. Returns the reply text and its figures."""
         with self.hold(cancelled, lambda: status("waiting for the model…")):
-            prompt, dropped = self.prompt(messages, max_tokens)
             box = mailbox if isinstance(mailbox, Mailbox) else Mailbox(mailbox)
             version, choice = box.latest()
+            prompt, dropped = self.prompt(messages, max_tokens, system=choice.instruction or None)
+            if choice.directer is not None:
+                return self._reply_directer(prompt, dropped, box, version, choice, max_tokens, sampling, cancelled,
+                                            on_token, on_applied, status)
             gate = _TurnGate(self.gate, prompt, bool(self.adapters))
             choice = gate.effective(choice)
             if self.adapters:
@@ -127,6 +135,44 @@ class Session:
             reply = api.run_reply(self.steerer, prompt, max_tokens, sampling, on_token=on_token, cancelled=cancelled,
                                   between=between)
             return reply.text, reply
+
+    def _reply_directer(self, prompt: list[int], dropped: int, box: Mailbox, version: int, choice: Choice,
+                        max_tokens: int, sampling: Sampling, cancelled: Cancelled,
+                        on_token: Callable[[TokenEvent, bool, float], None],
+                        on_applied: Callable[[int, Choice], None], status: Callable[[str], None]) -> tuple[str, Reply]:
+        """A reply through DIRECTER's loop, the pinned instruction (the system prompt) amplified.
+        Between two tokens the amplification and the vectors follow the panel (switched off, the
+        vectors still take DIRECTER's test); a new instruction text waits for the next reply."""
+        if self.gate is not None or self.adapters:
+            raise ValueError("amplifying the instruction (DIRECTER) does not combine with --lora or --when")
+        span = api.instruction_span(self.model, prompt, choice.instruction)
+        if self._directer is None:
+            self._directer = api.InstructionSteerer(self.model, span, choice.directer, n_ctx=self.n_ctx,
+                                                    n_threads=self._n_threads)
+        steerer = self._directer
+        steerer.span, steerer.settings = span, choice.directer
+
+        def configure(c: Choice) -> Choice:
+            v = c.steering.vector
+            steerer.set_steering(c.directer is not None, None if v is None else v.directions, c.steering.layers)
+            return dataclasses.replace(c, rejection=None, instruction=choice.instruction,
+                                       directer=choice.directer if c.directer is not None else None)
+
+        on_applied(0, configure(choice))
+        status(f"left out the {dropped} oldest messages to fit the context" if dropped else "")
+        latest = {"version": version}
+
+        def between(ev: TokenEvent) -> None:
+            change = box.newer(latest["version"])
+            if change:
+                latest["version"], new = change
+                if new.instruction != choice.instruction:
+                    status("the new instruction applies from the next reply")
+                on_applied(ev.index + 1, configure(new))
+
+        reply = api.run_reply(steerer, prompt, max_tokens, sampling, on_token=on_token, cancelled=cancelled,
+                              between=between)
+        return reply.text, reply
 
     def _configure(self, choice: Choice, importance: list[int] | None) -> None:
         s = choice.steering

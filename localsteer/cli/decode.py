@@ -113,9 +113,14 @@ def _stream_echo(text: str) -> None:
 @seed_option
 @loras_option
 @when_option
+@click.option("--instruction", default=None, metavar="TEXT",
+              help="Pin this instruction (the system prompt) and amplify it with DIRECTER; the panel edits and "
+                   "switches both.")
+@directer_options
 @threads_option
 @gpu_option
-def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, loras, when, threads, gpu_layers) -> None:
+def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, loras, when, instruction, alpha,
+         directer_p, directer_trials, threads, gpu_layers) -> None:
     """Chat with a model in the terminal, steering it as you go."""
     from localsteer_tui import ChatOptions, run
 
@@ -123,4 +128,5 @@ def chat(model, vectors, layers, reject_topk, max_tokens, temperature, seed, lor
         raise click.ClickException(f"probe file not found: {when}")
     run(ChatOptions(model=model, vectors=tuple(vectors), adapters=tuple(loras), when=when, layers=layers, reject_topk=reject_topk,
                     max_tokens=max_tokens, sampling=api.sampling_config(temperature=temperature, seed=seed),
-                    threads=threads, gpu_layers=gpu_layers))
+                    threads=threads, gpu_layers=gpu_layers, instruction=instruction or "", amplify=bool(instruction),
+                    directer=api.Directer(alpha, directer_p, directer_trials)))

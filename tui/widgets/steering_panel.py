@@ -1,5 +1,6 @@
 """The steering panel: the vectors on offer (switch + strength each), the active layer range,
-and rejection with its top-k. It posts `SteeringPanel.Changed` with the whole mix on any change."""
+rejection with its top-k, and the pinned instruction (the system prompt) with DIRECTER's switch.
+It posts `SteeringPanel.Changed` with the whole mix on any change."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ class SteeringPanel(VerticalScroll):
                                 "token implausible (switching applies from the next reply)")
             yield Label("top-k", classes="label")
             yield Input("20", id="topk", type="integer", compact=True, validators=[Integer(minimum=1)])
+        yield Input(id="instruction", compact=True, placeholder="pinned instruction",
+                    tooltip="sent as the system prompt of every reply (a change applies from the next reply)")
+        with Horizontal(classes="field"):
+            yield OnOff("Amplify", id="amplify",
+                        tooltip="DIRECTER: amplify the pinned instruction's keys, each steered token checked "
+                                "against the plain model (switches live during a reply that began amplified)")
         yield Static(Content.assemble(
             "Tokens: full ", ("weakened", "$warning"), " ", ("plain", "$error dim"), "\n",
             ("space on/off · ←/→ strength", "$text-muted")), id="legend")
@@ -58,7 +65,8 @@ class SteeringPanel(VerticalScroll):
 
     # --- filling and reading ----------------------------------------------------------------------
 
-    def load(self, entries: list[VectorEntry], layers: str, reject: bool, topk: int, n_layer: int) -> None:
+    def load(self, entries: list[VectorEntry], layers: str, reject: bool, topk: int, n_layer: int,
+             instruction: str = "", amplify: bool = False) -> None:
         """Show the vectors for a freshly loaded model (without posting `Changed`)."""
         self.n_layer = n_layer
         box = self.query_one("#vectors")
@@ -71,6 +79,8 @@ class SteeringPanel(VerticalScroll):
             self.query_one("#layers", Input).value = layers
             self.query_one("#reject", Checkbox).value = reject
             self.query_one("#topk", Input).value = str(topk)
+            self.query_one("#instruction", Input).value = instruction
+            self.query_one("#amplify", Checkbox).value = amplify
 
     def add(self, entry: VectorEntry) -> VectorRow:
         box = self.query_one("#vectors")
@@ -95,7 +105,9 @@ class SteeringPanel(VerticalScroll):
             parts=tuple((r.entry.path, r.scale) for r in self.rows if r.entry.fits and r.enabled),
             layers=self.query_one("#layers", Input).value.strip(),
             reject=self.query_one("#reject", Checkbox).value,
-            topk=topk)
+            topk=topk,
+            instruction=self.query_one("#instruction", Input).value.strip(),
+            amplify=self.query_one("#amplify", Checkbox).value)
 
     def _changed(self) -> None:
         self.post_message(self.Changed(self.settings()))
@@ -106,13 +118,13 @@ class SteeringPanel(VerticalScroll):
         event.stop()
         self._changed()
 
-    @on(Checkbox.Changed, "#reject")
+    @on(Checkbox.Changed, "#reject, #amplify")
     def _reject_changed(self, event: Checkbox.Changed) -> None:
         event.stop()
         self._changed()
 
-    @on(Input.Submitted, "#layers, #topk")
-    @on(Input.Blurred, "#layers, #topk")
+    @on(Input.Submitted, "#layers, #topk, #instruction")
+    @on(Input.Blurred, "#layers, #topk, #instruction")
     def _field_done(self, event: Input.Submitted | Input.Blurred) -> None:
         event.stop()
         self._changed()
