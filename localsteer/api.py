@@ -432,6 +432,35 @@ def instruction_span(model: Model, prompt: Sequence[int], instruction: str) -> t
     return find_span(model, prompt, text, instruction)
 
 
+# --- serving ------------------------------------------------------------------------------------
+
+def serve(model: Model, model_name: str, host: str = "127.0.0.1", port: int = 8080, slots: int = 2,
+          queue: int = 16, n_ctx: int = 4096, api_key: str | None = None, vectors: Sequence[str] = (),
+          layers: str | None = None, reject_topk: int | None = None, n_threads: int | None = None,
+          log: Callable[[str], None] = print, verbose: bool = False) -> None:
+    """`localsteer serve` (localsteer/server.py): an OpenAI-compatible server on `host:port`
+    until interrupted; `vectors`, `layers`, `reject_topk`: the steering of requests that send
+    none. Needs the serve extra (starlette, uvicorn)."""
+    try:
+        import uvicorn
+
+        from . import server
+    except ImportError as e:
+        raise LocalsteerError(f"serve needs the serve extra ({e.name} is missing): "
+                              "bash scripts/install.sh --serve, or pip install 'localsteer[serve]'") from None
+    steering_from_specs(model, list(vectors), layers)  # bad defaults: one line, before binding
+    index = server.vector_index(model, model_name, vectors)
+    defaults = server.Defaults(tuple(vectors), layers, reject_topk)
+    engine = server.Engine(model, slots=slots, queue=queue, n_ctx=n_ctx, n_threads=n_threads)
+    try:
+        app = server.make_app(server.Service(model, model_name, engine, index, defaults, api_key))
+        log(f"localsteer serve: {model_name}, {slots} slot(s) of {n_ctx} tokens, {len(index)} vectors; "
+            f"http://{host}:{port}/v1 (ctrl-c stops)")
+        uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
+    finally:
+        engine.close()
+
+
 # --- side effects -------------------------------------------------------------------------------
 
 BENIGN = shipped.datasets() / "benign.jsonl"
@@ -629,7 +658,7 @@ __all__ = [
     "load_adapters", "make_steerer", "rejection_config", "run_reply", "sampling_config",
     # side effects, probes, refusal, KTS, evaluation
     "BENIGN", "EVAL_CONDITIONS", "IFEVAL_CONDITIONS", "benign_kl", "check_eval_settings", "evaluate",
-    "evaluate_ifeval", "load_gate", "refusal_direction",
+    "evaluate_ifeval", "load_gate", "refusal_direction", "serve",
     "refusal_table", "score_probe", "train_kts", "train_probe", "train_probe_sets",
     # files
     "check_output", "write_text",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install localsteer into ./.venv, building llama-cpp-python for this machine, and pull the
-# default model. With --train, also the training extra (PyTorch CPU + transformers, for
+# default model. With --serve, also the server extra (`localsteer serve`). With --train, also the training extra (PyTorch CPU + transformers, for
 # `localsteer kts train` only). With --test, also the test tools, the training extra (its test
 # trains a small adapter) and llama.cpp's own CLI (used by the interop tests and benchmarks).
 #
@@ -13,11 +13,13 @@ cd "$(dirname "$0")/.."
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 with_tests=0
 with_train=0
+with_serve=0
 for arg in "$@"; do
   case "$arg" in
-    --test) with_tests=1; with_train=1 ;;
+    --test) with_tests=1; with_train=1; with_serve=1 ;;
     --train) with_train=1 ;;
-    *) echo "install: unknown option $arg (use --test or --train)" >&2; exit 1 ;;
+    --serve) with_serve=1 ;;
+    *) echo "install: unknown option $arg (use --test, --train or --serve)" >&2; exit 1 ;;
   esac
 done
 
@@ -41,6 +43,7 @@ fi
 extras=()
 [ "$with_tests" = 1 ] && extras+=(test)
 [ "$with_train" = 1 ] && extras+=(train)
+[ "$with_serve" = 1 ] && extras+=(serve)
 extra=""
 [ ${#extras[@]} -gt 0 ] && extra="[$(IFS=,; echo "${extras[*]}")]"
 torch=()
