@@ -281,10 +281,12 @@ def plan(model: Model, body: dict, prompt: list[int], index: dict[str, VectorInf
 @dataclass
 class Job:
     """One request in the engine. The engine calls `emit(kind, payload)` from its thread:
-    ("token", TokenEvent), then ("end", summary) or ("error", RequestError)."""
+    ("token", TokenEvent) for each token when `streamed`, then ("end", summary) or ("error",
+    RequestError); the summary holds every event (a request not streamed is woken once)."""
 
     plan: Plan
     emit: Any  # Callable[[str, Any], None], thread-safe
+    streamed: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
@@ -417,12 +419,14 @@ class Engine:
         s.text += ev.text
         hit = _stop_at(s.text, job.plan.stop, before)
         if hit is not None:
-            ev = _cut(ev, len(ev.text) - (len(s.text) - hit))
+            ev = s.events[-1] = _cut(ev, len(ev.text) - (len(s.text) - hit))
             s.text = s.text[:hit]
-            job.emit("token", ev)
+            if job.streamed:
+                job.emit("token", ev)
             self._finish(s, "stop")
             return
-        job.emit("token", ev)
+        if job.streamed:
+            job.emit("token", ev)
         if len(s.events) >= job.plan.max_tokens:
             self._finish(s, "length")
         elif len(job.plan.prompt) + len(s.events) >= self.n_ctx:
@@ -435,7 +439,7 @@ class Engine:
         seconds = time.perf_counter() - s.t0
         n = sum(not self.model.is_eog(e.token) for e in events)
         job.emit("end", {"finish_reason": reason, "completion_tokens": len(events), "text_tokens": n,
-                         "seconds": seconds, "acceptance": api.acceptance(events),
+                         "seconds": seconds, "acceptance": api.acceptance(events), "events": events,
                          "statuses": dict(collections.Counter(e.status.value for e in events))})
 
     def _fail(self, s: _Slot, job: Job, e: BaseException) -> None:
@@ -578,7 +582,7 @@ def make_app(service: Service):
             return error(e)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        job = Job(p, lambda kind, payload: loop.call_soon_threadsafe(queue.put_nowait, (kind, payload)))
+        job = Job(p, lambda kind, payload: loop.call_soon_threadsafe(queue.put_nowait, (kind, payload)), stream)
         try:
             service.engine.submit(job)
         except Busy:
@@ -601,26 +605,22 @@ def make_app(service: Service):
                     "total_tokens": len(prompt) + end["completion_tokens"]}
 
         if not stream:
-            events, text = [], []
             try:
                 while True:
                     try:
                         kind, payload = await asyncio.wait_for(queue.get(), timeout=0.5)
+                        break
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             job.cancelled.set()
                             return JSONResponse({}, status_code=499)
-                        continue
-                    if kind == "token":
-                        events.append(payload)
-                        text.append(payload.text)
-                    elif kind == "error":
-                        return error(payload)
-                    else:
-                        break
             finally:
                 job.cancelled.set()  # no-op once finished; stops the job if this task was cancelled
+            if kind == "error":
+                return error(payload)
             end = payload
+            events = [e for e in end["events"] if not service.model.is_eog(e.token)]
+            text = [e.text for e in events]
             reason = "length" if end["finish_reason"] == "length" else "stop"
             choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": reason}
                       if chat else {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None})
