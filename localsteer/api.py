@@ -437,10 +437,13 @@ def instruction_span(model: Model, prompt: Sequence[int], instruction: str) -> t
 def serve(model: Model, model_name: str, host: str = "127.0.0.1", port: int = 8080, slots: int = 2,
           queue: int = 16, n_ctx: int = 4096, api_key: str | None = None, vectors: Sequence[str] = (),
           layers: str | None = None, reject_topk: int | None = None, n_threads: int | None = None,
+          loras: Sequence[str] = (), when: str | None = None,
           log: Callable[[str], None] = print, verbose: bool = False) -> None:
     """`localsteer serve` (localsteer/server.py): an OpenAI-compatible server on `host:port`
     until interrupted; `vectors`, `layers`, `reject_topk`: the steering of requests that send
-    none. Needs the serve extra (starlette, uvicorn)."""
+    none; `loras` (`PATH[:SCALE]`): the adapters requests may name (by file stem), on by
+    default; `when`: a probe file, the gate requests use by default. Needs the serve extra
+    (starlette, uvicorn)."""
     try:
         import uvicorn
 
@@ -450,7 +453,9 @@ def serve(model: Model, model_name: str, host: str = "127.0.0.1", port: int = 80
                               "bash scripts/install.sh --serve, or pip install 'localsteer[serve]'") from None
     steering_from_specs(model, list(vectors), layers)  # bad defaults: one line, before binding
     index = server.vector_index(model, model_name, vectors)
-    defaults = server.Defaults(tuple(vectors), layers, reject_topk)
+    adapters = {Path(lora.path).stem: (lora, scale) for lora, scale in load_adapters(model, loras)}
+    gate = load_gate(model, when) if when else None
+    defaults = server.Defaults(tuple(vectors), layers, reject_topk, adapters, gate)
     engine = server.Engine(model, slots=slots, queue=queue, n_ctx=n_ctx, n_threads=n_threads)
     try:
         app = server.make_app(server.Service(model, model_name, engine, index, defaults, api_key))

@@ -21,12 +21,16 @@ nothing and get the server's defaults):
      "layers": "7-24",
      "reject": {"topk": 20, "minp": 0.0, "fold": "auto"} | null,
      "instruction": {"text": "Answer in French.", "alpha": 100, "p": 0.5, "trials": 10},
+     "loras": ["refusal-ablate"] | [{"name": "refusal-ablate", "scale": 0.5}],
+     "gate": true,
      "events": false}
 
 Vectors are named, never given as paths: the names `/v1/steering/vectors` lists (the shipped
-vectors for the model, `$LOCALSTEER_HOME/vectors`, and those given with `serve -v`). A DIRECTER
-instruction must occur in the messages (its last occurrence is amplified). `null` vectors mean
-no steering; an absent field, the server's defaults.
+vectors for the model, `$LOCALSTEER_HOME/vectors`, and those given with `serve -v`); LoRA
+adapters likewise, from those the server was started with (`serve --lora`). `gate` (default: on
+when the server has a probe, `serve --when`) applies the vectors and adapters only if the probe
+fires on the prompt. A DIRECTER instruction must occur in the messages (its last occurrence is
+amplified). `null` vectors mean no steering; an absent field, the server's defaults.
 """
 
 from __future__ import annotations
@@ -132,6 +136,8 @@ class Plan:
     stop: tuple[str, ...] = ()
     events: bool = False
     described: str = "none"
+    loras: tuple = ()  # (Lora, scale), from the server's list
+    gate: Any = None  # the server's probe gate, when this request uses it
 
 
 @dataclass
@@ -141,6 +147,8 @@ class Defaults:
     vectors: tuple[str, ...] = ()
     layers: str | None = None
     reject_topk: int | None = None
+    loras: dict = field(default_factory=dict)  # name -> (Lora, scale): what requests may name; on by default
+    gate: Any = None  # the probe gate (`serve --when`); on by default
 
 
 def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False, param: str | None = None):
@@ -213,6 +221,8 @@ def plan(model: Model, body: dict, prompt: list[int], index: dict[str, VectorInf
         raise RequestError("stop must be a string or a list of at most 4 non-empty strings", "stop")
 
     raw = body.get("steering")
+    loras = tuple(defaults.loras.values())
+    use_gate = defaults.gate is not None
     if raw is None and "steering" not in body:
         specs, layers, topk, minp, fold = list(defaults.vectors), defaults.layers, defaults.reject_topk, 0.0, "auto"
         instruction, events = None, False
@@ -220,7 +230,7 @@ def plan(model: Model, body: dict, prompt: list[int], index: dict[str, VectorInf
         raw = raw if raw is not None else {"vectors": None}
         if not isinstance(raw, dict):
             raise RequestError("steering must be an object", "steering")
-        unknown = set(raw) - {"vectors", "layers", "reject", "instruction", "events"}
+        unknown = set(raw) - {"vectors", "layers", "reject", "instruction", "events", "loras", "gate"}
         if unknown:
             raise RequestError(f"steering: unknown field(s) {', '.join(sorted(unknown))}", f"steering.{sorted(unknown)[0]}")
         specs = _vector_specs(raw.get("vectors"), index)
@@ -241,6 +251,12 @@ def plan(model: Model, body: dict, prompt: list[int], index: dict[str, VectorInf
         events = raw.get("events", False)
         if not isinstance(events, bool):
             raise RequestError("steering.events must be true or false", "steering.events")
+        loras = _loras(raw.get("loras"), defaults.loras) if "loras" in raw else ()
+        use_gate = raw.get("gate", use_gate)
+        if not isinstance(use_gate, bool):
+            raise RequestError("steering.gate must be true or false", "steering.gate")
+        if use_gate and defaults.gate is None:
+            raise RequestError("steering.gate: the server has no probe (serve --when PROBE)", "steering.gate")
     try:
         steering = api.steering_from_specs(model, specs, layers)
     except LocalsteerError as e:
@@ -262,6 +278,9 @@ def plan(model: Model, body: dict, prompt: list[int], index: dict[str, VectorInf
         if topk is not None:
             raise RequestError("steering.reject does not combine with steering.instruction (DIRECTER has its own "
                                "test)", "steering.reject")
+        if loras or use_gate:
+            raise RequestError("steering.instruction does not combine with LoRA adapters or the probe gate "
+                               "(send \"loras\": [], \"gate\": false)", "steering.instruction")
     rejection = None
     if topk is not None and steering.vector is not None:
         if fold == "auto":
@@ -273,7 +292,40 @@ def plan(model: Model, body: dict, prompt: list[int], index: dict[str, VectorInf
             "" if steering.vector is None else f" + {described}")
     elif rejection is not None:
         described += f"; reject top-{rejection.topk}"
-    return Plan(prompt, max_tokens, sampling, steering, rejection, directer, span, tuple(stop), events, described)
+    if loras:
+        described += "; LoRA " + ", ".join(f"{scale:g} x {Path(lora.path).stem}" for lora, scale in loras)
+    gate = defaults.gate if use_gate and (steering.vector is not None or loras) else None
+    return Plan(prompt, max_tokens, sampling, steering, rejection, directer, span, tuple(stop), events, described,
+                tuple(loras), gate)
+
+
+def _loras(raw: Any, known: dict) -> tuple:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise RequestError("steering.loras must be a list", "steering.loras")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"steering.loras[{i}]"
+        if isinstance(item, str):
+            name, sep, scale_text = item.partition(":")
+            try:
+                scale = float(scale_text) if sep else None
+            except ValueError:
+                raise RequestError(f"{where}: bad scale {scale_text!r}", where) from None
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
+            name = item["name"]
+            scale = _number(item, "scale", -1e6, 1e6, None, param=f"{where}.scale")
+        else:
+            raise RequestError(f"{where} must be a name or an object with name and scale", where)
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none: serve --lora PATH"
+            raise RequestError(f"{where}: unknown adapter {name!r} (the server has {listed})", f"{where}.name")
+        if scale is not None and not math.isfinite(scale):
+            raise RequestError(f"{where}: the scale must be finite", f"{where}.scale")
+        lora, default = known[name]
+        out.append((lora, default if scale is None else scale))
+    return tuple(out)
 
 
 # --- the engine -----------------------------------------------------------------------------------
@@ -301,6 +353,7 @@ class _Slot:
         self.steerer = api.make_steerer(model, api.Steering(None, ()), None, n_threads=n_threads, n_ctx=n_ctx)
         self.directer: api.InstructionSteerer | None = None
         self.job: Job | None = None
+        self.decision = None  # the probe gate's, for the request in this slot
         self.stream = None
         self.events: list = []
         self.text = ""
@@ -316,12 +369,19 @@ class _Slot:
             st.span, st.settings = p.span, p.directer
             v = p.steering.vector
             st.set_steering(True, None if v is None else v.directions, p.steering.layers)
+            self.decision = None
         else:
             st = self.steerer
+            self.decision = p.gate.decide(p.prompt) if p.gate is not None else None
+            vector, loras = p.steering.vector, p.loras
+            if self.decision is not None and not self.decision.steer:
+                vector, loras = None, ()  # not a prompt the probe flags: the plain model
             importance = None
-            if p.rejection is not None and p.steering.vector is not None:
-                importance = api.importance_order(self.model, p.steering.vector, p.steering.layers, fingerprint)
-            st.configure(p.steering.vector, p.steering.layers or None, p.rejection, importance)
+            if p.rejection is not None and vector is not None:
+                importance = api.importance_order(self.model, vector, p.steering.layers, fingerprint)
+            st.configure(vector, p.steering.layers or None, p.rejection if vector is not None else None, importance)
+            if list(loras) != st.adapters:
+                st.set_adapters(list(loras))
         self.job, self.events, self.text, self.t0 = job, [], "", time.perf_counter()
         self.stream = st.generate(p.prompt, p.max_tokens, p.sampling)
 
@@ -440,6 +500,7 @@ class Engine:
         n = sum(not self.model.is_eog(e.token) for e in events)
         job.emit("end", {"finish_reason": reason, "completion_tokens": len(events), "text_tokens": n,
                          "seconds": seconds, "acceptance": api.acceptance(events), "events": events,
+                         "gate": None if s.decision is None else s.decision.as_dict(),
                          "statuses": dict(collections.Counter(e.status.value for e in events))})
 
     def _fail(self, s: _Slot, job: Job, e: BaseException) -> None:
@@ -594,7 +655,9 @@ def make_app(service: Service):
                 "model": service.model_name}
 
         def summary(end: dict, events: list) -> dict:
-            s = {"applied": p.described, "acceptance": round(end["acceptance"], 4), "statuses": end["statuses"],
+            applied = p.described if end["gate"] is None or end["gate"].get("steer") else "none (the probe gate is off)"
+            s = {"applied": applied, "gate": end["gate"], "acceptance": round(end["acceptance"], 4),
+                 "statuses": end["statuses"],
                  "tokens_per_second": round(end["completion_tokens"] / end["seconds"], 2) if end["seconds"] else None}
             if p.events:
                 s["events"] = [e.as_dict() for e in events]

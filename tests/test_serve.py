@@ -31,10 +31,11 @@ KEY = "s3cret"
 class Running:
     """A server on a free loopback port, in this process."""
 
-    def __init__(self, model, slots=2, queue=4, n_ctx=1024, api_key=None, user_dir=None, defaults=server.Defaults()):
-        index = server.vector_index(model, "smollm2-135m-instruct", user_dir=user_dir)
+    def __init__(self, model, slots=2, queue=4, n_ctx=1024, api_key=None, user_dir=None, defaults=server.Defaults(),
+                 name="smollm2-135m-instruct"):
+        index = server.vector_index(model, name, user_dir=user_dir)
         self.engine = server.Engine(model, slots=slots, queue=queue, n_ctx=n_ctx, n_threads=1)
-        app = server.make_app(server.Service(model, "smollm2-135m-instruct", self.engine, index, defaults, api_key))
+        app = server.make_app(server.Service(model, name, self.engine, index, defaults, api_key))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -244,3 +245,44 @@ def test_the_command_serves_and_stops_on_ctrl_c():
 
     bad = subprocess.run(cmd[:-1] + ["nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr, bad.stderr
+
+
+def test_adapters_and_the_probe_gate_per_request(qwen05):
+    """On Qwen2.5-Coder-0.5B with the refusal ablation adapter and the harmful-prompt probe the
+    server was started with: a request names the adapter and turns the gate on or off."""
+    qdir = REPO / "vectors" / "qwen2.5-coder-0.5b-instruct"
+    adapters = api.load_adapters(qwen05, [str(qdir / "refusal" / "refusal-ablate.gguf")])
+    gate = api.load_gate(qwen05, qdir / "probes" / "harmful.gguf")
+    defaults = server.Defaults(loras={"refusal-ablate": adapters[0]}, gate=gate)
+    s = Running(qwen05, slots=1, defaults=defaults, name="qwen2.5-coder-0.5b-instruct")
+    benign = [{"role": "user", "content": "How do I bake bread?"}]
+    try:
+        def ask(steering):
+            r = s.client.chat.completions.create(model="x", messages=benign, max_tokens=16, temperature=0,
+                                                 extra_body={"steering": steering})
+            return r.choices[0].message.content, r.model_extra["steering"]
+
+        adapted = api.generate(qwen05, benign, api.Steering(None, ()), GREEDY, max_tokens=16, adapters=adapters,
+                               n_threads=1)
+        plain = api.generate(qwen05, benign, api.Steering(None, ()), GREEDY, max_tokens=16, n_threads=1)
+        assert adapted.text != plain.text
+        text, summary = ask({"loras": ["refusal-ablate"], "gate": False})
+        assert text == adapted.text and summary["applied"] == "none; LoRA 1 x refusal-ablate" and summary["gate"] is None
+        text, summary = ask({"loras": ["refusal-ablate"]})  # the gate is on by default: a benign prompt, no steering
+        assert text == plain.text and summary["gate"]["steer"] is False
+        assert summary["applied"] == "none (the probe gate is off)"
+        assert ask({"vectors": None, "gate": False})[0] == plain.text
+        for steering, param in [({"loras": ["nope"]}, "steering.loras[0].name"),
+                                ({"loras": "refusal-ablate"}, "steering.loras"),
+                                ({"gate": "yes"}, "steering.gate"),
+                                ({"instruction": "bread"}, "steering.instruction")]:
+            r = s.post("/v1/chat/completions", {"messages": benign, "steering": steering})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    finally:
+        s.close()
+    r = Running(qwen05, slots=1, name="qwen2.5-coder-0.5b-instruct")  # no probe: asking for the gate is an error
+    try:
+        r2 = r.post("/v1/chat/completions", {"messages": benign, "steering": {"gate": True}})
+        assert r2.status_code == 400 and "no probe" in r2.json()["error"]["message"]
+    finally:
+        r.close()

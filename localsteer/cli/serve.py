@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from .. import api
-from .base import layers_option, main, model_option, reject_topk_option, threads_option, vectors_option, verbose_option
+from .base import (layers_option, loras_option, main, model_option, reject_topk_option, threads_option, vectors_option,
+                   verbose_option, when_option)
 
 
 @main.command()
@@ -27,12 +28,15 @@ from .base import layers_option, main, model_option, reject_topk_option, threads
                 "given here can also be named by requests.")
 @layers_option
 @reject_topk_option
+@loras_option
+@when_option
 @threads_option
 @verbose_option
-def serve(model, host, port, slots, queue, n_ctx, api_key, vectors, layers, reject_topk, threads, verbose) -> None:
+def serve(model, host, port, slots, queue, n_ctx, api_key, vectors, layers, reject_topk, loras, when, threads,
+          verbose) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) in which each
     request may choose its own steering (the `steering` body field; docs/guide.md)."""
     lm = api.load_model(model, verbose=verbose)
     name = model if model in api.KNOWN_MODELS else Path(model).stem
-    api.serve(lm, name, host, port, slots, queue, n_ctx, api_key, vectors, layers, reject_topk, threads,
+    api.serve(lm, name, host, port, slots, queue, n_ctx, api_key, vectors, layers, reject_topk, threads, loras, when,
               log=lambda line: click.echo(line, err=True), verbose=verbose)
