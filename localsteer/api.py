@@ -437,13 +437,14 @@ def instruction_span(model: Model, prompt: Sequence[int], instruction: str) -> t
 def serve(model: Model, model_name: str, host: str = "127.0.0.1", port: int = 8080, slots: int = 2,
           queue: int = 16, n_ctx: int = 4096, api_key: str | None = None, vectors: Sequence[str] = (),
           layers: str | None = None, reject_topk: int | None = None, n_threads: int | None = None,
-          loras: Sequence[str] = (), when: str | None = None,
+          loras: Sequence[str] = (), when: str | None = None, batch: str = "auto",
           log: Callable[[str], None] = print, verbose: bool = False) -> None:
     """`localsteer serve` (localsteer/server.py): an OpenAI-compatible server on `host:port`
     until interrupted; `vectors`, `layers`, `reject_topk`: the steering of requests that send
     none; `loras` (`PATH[:SCALE]`): the adapters requests may name (by file stem), on by
-    default; `when`: a probe file, the gate requests use by default. Needs the serve extra
-    (starlette, uvicorn)."""
+    default; `when`: a probe file, the gate requests use by default; `batch` ("auto", "on",
+    "off"): decode the requests steered by vectors alone in one batch (`server.Engine`). Needs
+    the serve extra (starlette, uvicorn)."""
     try:
         import uvicorn
 
@@ -456,10 +457,12 @@ def serve(model: Model, model_name: str, host: str = "127.0.0.1", port: int = 80
     adapters = {Path(lora.path).stem: (lora, scale) for lora, scale in load_adapters(model, loras)}
     gate = load_gate(model, when) if when else None
     defaults = server.Defaults(tuple(vectors), layers, reject_topk, adapters, gate)
-    engine = server.Engine(model, slots=slots, queue=queue, n_ctx=n_ctx, n_threads=n_threads)
+    engine = server.Engine(model, slots=slots, queue=queue, n_ctx=n_ctx, n_threads=n_threads,
+                           batch={"on": True, "off": False}.get(batch, "auto"))
     try:
         app = server.make_app(server.Service(model, model_name, engine, index, defaults, api_key))
-        log(f"localsteer serve: {model_name}, {slots} slot(s) of {n_ctx} tokens, {len(index)} vectors; "
+        log(f"localsteer serve: {model_name}, {slots} slot(s) of {n_ctx} tokens "
+            f"({'batched' if engine.batched else 'taking turns'}), {len(index)} vectors; "
             f"http://{host}:{port}/v1 (ctrl-c stops)")
         uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
     finally:

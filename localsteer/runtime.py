@@ -232,6 +232,35 @@ class RowSteer(_EvalCallback):
         self._wanted = {f"l_out-{il}".encode(): il for il in layers if il >= 1}
 
 
+class RowsSteer(_EvalCallback):
+    """Steers each row of a batch with its own vector: `set_rows([(directions, layers), ...])`,
+    one entry per batch row (directions `(n_layer, n_embd)` or None), adds `directions[il]` to
+    that row of `l_out-<il>` for il in its layers, as `RowSteer` does for one vector. The server
+    decodes the next token of several requests, each with its own steering, in one decode. Every
+    row must ask for logits (the last layer holds only those rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self._rows: list[tuple[np.ndarray | None, frozenset[int]]] = []
+        self._wanted: dict[bytes, int] = {}
+
+    def set_rows(self, rows: Sequence[tuple[np.ndarray | None, Iterable[int]]]) -> None:
+        self._rows = [(None if d is None else np.ascontiguousarray(d, dtype=np.float32), frozenset(ls))
+                      for d, ls in rows]
+        layers = set().union(*(ls for d, ls in self._rows if d is not None)) if self._rows else set()
+        self._wanted = {f"l_out-{il}".encode(): il for il in layers if il >= 1}
+
+    def wants(self, name: bytes) -> int | None:
+        return self._wanted.get(name)
+
+    def on_tensor(self, tensor: int, il: int) -> None:
+        out = _tensor_rows(tensor)
+        for r, (directions, layers) in enumerate(self._rows[:len(out)]):
+            if directions is not None and il in layers:
+                out[r] += directions[il]
+        _ggml_base.ggml_backend_tensor_set(tensor, out.ctypes.data, 0, out.nbytes)
+
+
 class KeyScale(_EvalCallback):
     """Amplifies chosen keys for chosen rows of a batch: in each layer il of `layers`, the
     attention scores `kq-<il>` (KV cells x batch rows x heads, before the softmax) of the rows

@@ -46,8 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import codecs
+
 from . import api
 from .api import LocalsteerError, Model
+from .runtime import RowsSteer
 
 MAX_BODY = 1 << 20  # bytes of a request body (413 beyond)
 
@@ -348,8 +351,18 @@ class Busy(Exception):
 
 
 class _Slot:
-    def __init__(self, model: Model, n_ctx: int, n_threads: int | None):
-        self.model, self.n_ctx, self.n_threads = model, n_ctx, n_threads
+    """A request's place in the engine: its own contexts (a `Steerer`, an `InstructionSteerer`),
+    or, in batched mode, sequence `index` of the engine's shared context."""
+
+    def __init__(self, model: Model, n_ctx: int, n_threads: int | None, index: int = 0):
+        self.model, self.n_ctx, self.n_threads, self.index = model, n_ctx, n_threads, index
+        self.batched = False  # this request's tokens go into the shared batch
+        self.logits = None
+        self.pos = self.step = 0
+        self.directions = None
+        self.layers: tuple[int, ...] = ()
+        self.sampling = None
+        self.utf8 = None
         self.steerer = api.make_steerer(model, api.Steering(None, ()), None, n_threads=n_threads, n_ctx=n_ctx)
         self.directer: api.InstructionSteerer | None = None
         self.job: Job | None = None
@@ -359,8 +372,12 @@ class _Slot:
         self.text = ""
         self.t0 = 0.0
 
-    def start(self, job: Job, fingerprint: str) -> None:
+    def start(self, job: Job, fingerprint: str, shared=None, rows: RowsSteer | None = None) -> None:
+        """Begin `job`; with a `shared` batched context (and its `rows` callback), a request
+        steered by vectors alone is prefilled into sequence `index` there and decoded with the
+        others (`Engine._batched_round`)."""
         p = job.plan
+        self.batched = False
         if p.directer is not None:
             if self.directer is None:
                 self.directer = api.InstructionSteerer(self.model, p.span, p.directer, n_ctx=self.n_ctx,
@@ -376,6 +393,10 @@ class _Slot:
             vector, loras = p.steering.vector, p.loras
             if self.decision is not None and not self.decision.steer:
                 vector, loras = None, ()  # not a prompt the probe flags: the plain model
+            if shared is not None and (p.rejection is None or vector is None) and not loras:
+                self.job, self.events, self.text, self.t0 = job, [], "", time.perf_counter()
+                self._prefill(shared, rows, vector, p.steering.layers, p)
+                return
             importance = None
             if p.rejection is not None and vector is not None:
                 importance = api.importance_order(self.model, vector, p.steering.layers, fingerprint)
@@ -385,6 +406,27 @@ class _Slot:
         self.job, self.events, self.text, self.t0 = job, [], "", time.perf_counter()
         self.stream = st.generate(p.prompt, p.max_tokens, p.sampling)
 
+    def _prefill(self, shared, rows: RowsSteer, vector, layers: Sequence[int], p: Plan) -> None:
+        self.batched = True
+        self.directions = None if vector is None else vector.directions
+        self.layers = tuple(layers) if vector is not None else ()
+        self.sampling = p.sampling.resolved()
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.step = 0
+        shared.remove(self.index)
+        rows.set_rows([(self.directions, self.layers)] * min(len(p.prompt), shared.n_batch))
+        shared.decode_sequence(p.prompt, 0, seq_id=self.index)
+        self.logits = shared.logits()
+        self.pos = len(p.prompt)
+
+    def next_event(self) -> api.TokenEvent:
+        """Batched mode: the token chosen from the last logits, as `Steerer` chooses it."""
+        tok = self.sampling.choose(self.logits, self.step)
+        status = api.Status.STEERED if self.directions is not None else api.Status.UNSTEERED
+        ev = api.TokenEvent(self.step, tok, self.utf8.decode(self.model.piece(tok)), status, 0, self.layers)
+        self.step += 1
+        return ev
+
     def close(self) -> None:
         self.steerer.close()
         if self.directer is not None:
@@ -392,12 +434,25 @@ class _Slot:
 
 
 class Engine:
-    """The thread that owns the model: `submit(job)` (raises `Busy`), `close()`."""
+    """The thread that owns the model: `submit(job)` (raises `Busy`), `close()`.
 
-    def __init__(self, model: Model, slots: int = 1, queue: int = 8, n_ctx: int = 4096, n_threads: int | None = None):
+    `batch`: decode the next tokens of the requests steered by vectors alone (no rejection,
+    DIRECTER or adapters) in one `llama_decode`, each row with its own vector (`RowsSteer`) in
+    one context shared by the slots; the others keep their own contexts and take turns. "auto":
+    batched when the model runs on a GPU, where a second row is nearly free; on a CPU a decode of
+    several rows costs about as much as decoding them one after the other or more
+    (docs/benchmarks.md)."""
+
+    def __init__(self, model: Model, slots: int = 1, queue: int = 8, n_ctx: int = 4096, n_threads: int | None = None,
+                 batch: bool | str = "auto"):
         self.model = model
         self.n_ctx = n_ctx
-        self._slots = [_Slot(model, n_ctx, n_threads) for _ in range(slots)]
+        self._slots = [_Slot(model, n_ctx, n_threads, i) for i in range(slots)]
+        self.batched = model.offloaded if batch == "auto" else bool(batch)
+        self._rows = RowsSteer() if self.batched else None
+        self.widest = 0  # the most rows one batched decode has had (for tests and /health)
+        self._shared = (model.context(n_ctx=slots * n_ctx, n_batch=max(512, slots), n_seq_max=slots,
+                                      n_threads=n_threads, capture=self._rows) if self.batched else None)
         self._queue: collections.deque[Job] = collections.deque()
         self._queue_max = queue
         self._wake = threading.Condition()
@@ -429,6 +484,8 @@ class Engine:
         self._thread.join(timeout=30)
         for s in self._slots:
             s.close()
+        if self._shared is not None:
+            self._shared.close()
 
     def _run(self) -> None:
         while True:
@@ -451,12 +508,44 @@ class Engine:
                 if job.cancelled.is_set():
                     continue
                 try:
-                    s.start(job, self._fingerprint)
+                    s.start(job, self._fingerprint, self._shared, self._rows)
                 except Exception as e:  # noqa: BLE001 - a request never takes the server down
                     self._fail(s, job, e)
             for s in self._slots:
-                if s.job is not None:
+                if s.job is not None and not s.batched:
                     self._step(s)
+            if self._shared is not None:
+                self._batched_round()
+
+    def _batched_round(self) -> None:
+        """One token of every batched request, then one decode of all their rows."""
+        going = []
+        for s in self._slots:
+            if s.job is None or not s.batched:
+                continue
+            if s.job.cancelled.is_set():
+                self._finish(s, "cancelled")
+                continue
+            try:
+                ev = s.next_event()
+            except Exception as e:  # noqa: BLE001
+                self._fail(s, s.job, e)
+                continue
+            if self._took(s, ev):
+                going.append((s, ev.token))
+        if not going:
+            return
+        self.widest = max(self.widest, len(going))
+        try:
+            self._rows.set_rows([(s.directions, s.layers) for s, _ in going])
+            self._shared.decode([t for _, t in going], [s.pos for s, _ in going], [s.index for s, _ in going],
+                                [True] * len(going))
+            for i, (s, _) in enumerate(going):
+                s.logits = self._shared.logits(i)
+                s.pos += 1
+        except Exception as e:  # noqa: BLE001
+            for s, _ in going:
+                self._fail(s, s.job, e)
 
     def _step(self, s: _Slot) -> None:
         job = s.job
@@ -471,10 +560,15 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             self._fail(s, job, e)
             return
+        self._took(s, ev)
+
+    def _took(self, s: _Slot, ev) -> bool:
+        """Record a slot's new token; False when that ended the request."""
+        job = s.job
         s.events.append(ev)
         if self.model.is_eog(ev.token):
             self._finish(s, "stop")
-            return
+            return False
         before = len(s.text)
         s.text += ev.text
         hit = _stop_at(s.text, job.plan.stop, before)
@@ -484,18 +578,20 @@ class Engine:
             if job.streamed:
                 job.emit("token", ev)
             self._finish(s, "stop")
-            return
+            return False
         if job.streamed:
             job.emit("token", ev)
-        if len(s.events) >= job.plan.max_tokens:
+        if len(s.events) >= job.plan.max_tokens or len(job.plan.prompt) + len(s.events) >= self.n_ctx:
             self._finish(s, "length")
-        elif len(job.plan.prompt) + len(s.events) >= self.n_ctx:
-            self._finish(s, "length")
+            return False
+        return True
 
     def _finish(self, s: _Slot, reason: str) -> None:
         job, events = s.job, s.events
-        s.stream.close()
+        if s.stream is not None:
+            s.stream.close()
         s.job = s.stream = None
+        s.batched = False
         seconds = time.perf_counter() - s.t0
         n = sum(not self.model.is_eog(e.token) for e in events)
         job.emit("end", {"finish_reason": reason, "completion_tokens": len(events), "text_tokens": n,
@@ -510,6 +606,7 @@ class Engine:
             except Exception:  # noqa: BLE001
                 pass
         s.job = s.stream = None
+        s.batched = False
         if isinstance(e, (LocalsteerError, ValueError)):
             err = RequestError(str(e))
         else:
@@ -603,8 +700,9 @@ def make_app(service: Service):
         return body
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "slots": len(service.engine._slots), "busy": service.engine.busy_slots,
-                             "queued": service.engine.queued})
+        e = service.engine
+        return JSONResponse({"status": "ok", "slots": len(e._slots), "busy": e.busy_slots, "queued": e.queued,
+                             "batched": e.batched})
 
     async def models(request: Request):
         try:

@@ -9,8 +9,8 @@
 
 tok/s is completion tokens / wall time (prompt processing included on both sides). Printed: one
 client / generate (the goal is >= 0.95) and the aggregate tok/s of 2 and 4 clients / one client
-(on 2 CPU cores little can be gained: the slots take turns on the same cores; the requests are
-not batched into one decode yet).
+(on 2 CPU cores little can be gained), with the slots taking turns (`--batch off`) and with
+their rows in one decode (`--batch on`).
 """
 
 from __future__ import annotations
@@ -70,19 +70,31 @@ def main() -> None:
 
     reference(0)  # warm
     index = server.vector_index(model, args.model)
-    engine = server.Engine(model, slots=4, queue=16, n_ctx=n_ctx)
-    app = server.make_app(server.Service(model, args.model, engine, index))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.02)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    state = {}
+
+    def start(batch: bool) -> server.Engine:
+        engine = server.Engine(model, slots=4, queue=16, n_ctx=n_ctx, batch=batch)
+        app = server.make_app(server.Service(model, args.model, engine, index))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=srv.run, daemon=True).start()
+        while not srv.started:
+            time.sleep(0.02)
+        state["srv"] = srv
+        state["client"] = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                        timeout=600)
+        return engine
+
+    def stop(engine: server.Engine) -> None:
+        state["srv"].should_exit = True
+        engine.close()
+
+    engine = start(batch=False)
 
     def request(i: int) -> int:
-        r = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": PROMPTS[i % 4]}],
+        r = state["client"].chat.completions.create(model=args.model, messages=[{"role": "user", "content": PROMPTS[i % 4]}],
                                            max_tokens=args.tokens, temperature=0,
                                            extra_body={"steering": {"vectors": [VECTORS[i % len(VECTORS)]]}})
         return r.usage.completion_tokens
@@ -102,16 +114,22 @@ def main() -> None:
     plain = args.rounds / sum(1 / a for a, _ in pairs)
     one = args.rounds / sum(1 / b for _, b in pairs)
     many = {k: clients(k) for k in (2, 4)}
-    srv.should_exit = True
-    engine.close()
+    stop(engine)
+    engine = start(batch=True)  # the same clients with the requests' rows batched into one decode
+    request(0)
+    batched = {k: clients(k) for k in (1, 2, 4)}
+    widest = engine.widest
+    stop(engine)
     print(f"model {args.model}, {args.requests} requests x {args.tokens} tokens per client, greedy, steered, "
           f"{args.rounds} rounds, {cpu_name()}")
     print("  per round (generate, 1 client): " + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in pairs))
     print(f"  generate     {plain:6.1f} tok/s")
     print(f"  1 client     {one:6.1f} tok/s   {one / plain:.2f} x generate (goal >= 0.95)")
     for k, v in many.items():
-        print(f"  {k} clients    {v:6.1f} tok/s   {v / one:.2f} x one client (aggregate; slots take turns, "
-              "not batched into one decode)")
+        print(f"  {k} clients    {v:6.1f} tok/s   {v / one:.2f} x one client (aggregate; slots take turns)")
+    for k, v in batched.items():
+        print(f"  {k} client{'s' if k > 1 else ' '}    {v:6.1f} tok/s   {v / one:.2f} x one client (--batch on: "
+              f"the rows in one decode; widest {widest})")
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ class Running:
     """A server on a free loopback port, in this process."""
 
     def __init__(self, model, slots=2, queue=4, n_ctx=1024, api_key=None, user_dir=None, defaults=server.Defaults(),
-                 name="smollm2-135m-instruct"):
+                 name="smollm2-135m-instruct", batch=False):
         index = server.vector_index(model, name, user_dir=user_dir)
-        self.engine = server.Engine(model, slots=slots, queue=queue, n_ctx=n_ctx, n_threads=1)
+        self.engine = server.Engine(model, slots=slots, queue=queue, n_ctx=n_ctx, n_threads=1, batch=batch)
         app = server.make_app(server.Service(model, name, self.engine, index, defaults, api_key))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -286,3 +286,27 @@ def test_adapters_and_the_probe_gate_per_request(qwen05):
         assert r2.status_code == 400 and "no probe" in r2.json()["error"]["message"]
     finally:
         r.close()
+
+
+@pytest.mark.skipif(api.backend_devices() and any(n.startswith(("CUDA", "Metal", "MTL")) for n, _ in api.backend_devices()),
+                    reason="llama.cpp's GPU kernels are not batch invariant: a row of several may differ from a lone row")
+def test_batched_rows_each_with_its_own_vector_equal_alone(smol):
+    """Batched mode: the next tokens of the requests steered by vectors alone go into one decode,
+    each row with its own vector (and one unsteered); on the CPU every reply equals its lone
+    `generate`. A request with rejection meanwhile runs in its own context, as before."""
+    s = Running(smol, slots=4, batch=True)
+    try:
+        assert s.engine.batched
+        specs = ["happy-sad:4", "happy-sad:-4", "uppercase", None]
+        alone = [generate(smol, [x] if x else [], max_tokens=40).text for x in specs]
+        rejected = generate(smol, ["happy-sad:8"], max_tokens=40, rejection=api.rejection_config(5)).text
+        jobs = [{"vectors": [x] if x else None} for x in specs] + [{"vectors": ["happy-sad:8"], "reject": {"topk": 5}}]
+        with ThreadPoolExecutor(5) as pool:
+            got = list(pool.map(lambda st: chat(s, st, max_tokens=40).choices[0].message.content, jobs))
+        assert got == alone + [rejected]
+        assert s.engine.widest >= 3  # the rows did share decodes
+        streamed = "".join(c.choices[0].delta.content or "" for c in chat(s, jobs[0], max_tokens=40, stream=True)
+                           if c.choices)
+        assert streamed == alone[0]
+    finally:
+        s.close()

@@ -22,6 +22,9 @@ from .base import (layers_option, loras_option, main, model_option, reject_topk_
               help="Requests that may wait for a slot; beyond them, 503 with Retry-After.")
 @click.option("--ctx", "-c", "n_ctx", type=click.IntRange(min=64), default=4096, show_default=True,
               help="Context size of each slot (prompt and reply).")
+@click.option("--batch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Decode the requests steered by vectors alone in one batch, each row with its own vector "
+                   "(auto: on a GPU; on a CPU several rows cost about as much as one after the other).")
 @click.option("--api-key", default=None, envvar="LOCALSTEER_API_KEY",
               help="Require `Authorization: Bearer KEY` (also $LOCALSTEER_API_KEY).")
 @vectors_option("Default steering for requests without a `steering` field; repeat to compose. The vectors "
@@ -32,11 +35,11 @@ from .base import (layers_option, loras_option, main, model_option, reject_topk_
 @when_option
 @threads_option
 @verbose_option
-def serve(model, host, port, slots, queue, n_ctx, api_key, vectors, layers, reject_topk, loras, when, threads,
+def serve(model, host, port, slots, queue, n_ctx, batch, api_key, vectors, layers, reject_topk, loras, when, threads,
           verbose) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) in which each
     request may choose its own steering (the `steering` body field; docs/guide.md)."""
     lm = api.load_model(model, verbose=verbose)
     name = model if model in api.KNOWN_MODELS else Path(model).stem
     api.serve(lm, name, host, port, slots, queue, n_ctx, api_key, vectors, layers, reject_topk, threads, loras, when,
-              log=lambda line: click.echo(line, err=True), verbose=verbose)
+              batch, log=lambda line: click.echo(line, err=True), verbose=verbose)
