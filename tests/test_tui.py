@@ -233,7 +233,8 @@ async def test_toggle_a_vector(smol, tmp_path):
 
 @drive
 async def test_strength_change_reaches_the_reply_in_progress(tmp_path):
-    app = make_app(tmp_path, vectors=(f"{HAPPY}:1",), max_tokens=200)
+    # a long reply (stopped with esc below), so that a slow machine still changes it midway
+    app = make_app(tmp_path, vectors=(f"{HAPPY}:1",), max_tokens=1500)
     async with app.run_test(size=(80, 24)) as pilot:
         await loaded(pilot)
         strength = row(app, "happy-sad").query_one(Strength)

@@ -129,14 +129,21 @@ def report(data: dict, rows: Sequence[dict], out_dir: Path) -> dict:
             cells.setdefault(f"{model}|{condition}", {})[int(k)] = rep
     results = {"settings": data["settings"], "command": data.get("command"), "n_sample": len(rows), "cells": {},
                "paired": {}}
-    for cell, reps in sorted(cells.items()):
+    rank = {c: i for i, c in enumerate(CONDITIONS)}
+
+    def order_key(cell: str) -> tuple:
+        model, condition = cell.split("|")
+        return model, rank.get(condition, len(rank)), condition
+
+    for cell, reps in sorted(cells.items(), key=lambda kv: order_key(kv[0])):
         results["cells"][cell] = _cell(list(reps.values()))
     for model in sorted({c.split("|")[0] for c in cells}):
         mine = {c.split("|")[1]: reps for c, reps in cells.items() if c.split("|")[0] == model}
         common = sorted(set.intersection(*(set(r) for r in mine.values())), key=order.get)
         if not common:
             continue
-        paired = {cond: _cell([reps[k] for k in common]) for cond, reps in sorted(mine.items())}
+        paired = {cond: _cell([reps[k] for k in common])
+                  for cond, reps in sorted(mine.items(), key=lambda kv: order_key(f"{model}|{kv[0]}"))}
         base = paired.get("plain")
         for cond, s in paired.items():
             if base is not None:
