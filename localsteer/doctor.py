@@ -78,6 +78,7 @@ def check(model: str = DEFAULT_MODEL) -> Report:
                           timeout=300)
     if proc.returncode == 0 and proc.stdout.strip().endswith("ok"):
         r.lines.append(("decode test", f"ok ({path.name})"))
+        r.lines.append(("rejection loop", _calibration(path)))
     else:
         r.ok = False
         how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
@@ -85,3 +86,18 @@ def check(model: str = DEFAULT_MODEL) -> Report:
         r.warnings.append("llama.cpp crashed while decoding. If this CPU has AMX (see above), "
                           "rebuild llama-cpp-python: " + REINSTALL)
     return r
+
+
+def _calibration(path) -> str:
+    """The decode costs behind `--reject-loop auto`, measured afresh (and cached) for the model."""
+    from . import calibrate
+    from .runtime import Model
+
+    try:
+        model = Model(path)
+    except LocalsteerError as e:
+        return f"not measured: {e}"
+    try:
+        return "auto = " + calibrate.costs(model, fresh=True).describe()
+    finally:
+        model.close()

@@ -6,9 +6,10 @@ checked against the plain distribution; an implausible choice (outside the plain
 below `minp` x the plain maximum) is rejected, steering is weakened by dropping layers, least
 important first, and the token is evaluated again. With no layers left, the plain choice stands.
 
-Two fast paths (`Rejection.loop`). "joint", the default on a CPU: one context holds both
+Two fast paths (`Rejection.loop`; "auto" takes the one the machine's measured decode costs
+favour, `calibrate.py`). "joint": one context holds both
 sequences, the vector is added to the steered row only (`runtime.RowSteer`), and each token is
-one decode of two rows, the steered token and the plain one. "drafted", the default on a GPU:
+one decode of two rows, the steered token and the plain one. "drafted":
 the steered context drafts a run of tokens, the plain one checks the whole run with one batched
 decode, and both caches roll back at the first rejection; it makes exactly the choices of the
 token-by-token loop (`fast=False`).
@@ -23,6 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import calibrate
 from .casefold import case_classes, extension_mass, respelled, spellings, spelled
 from .runtime import Context, Lora, Model, RowSteer
 from .sampling import Sampling, softmax
@@ -174,9 +176,12 @@ class Steerer:
                 ctx.set_loras(self.adapters)
 
     def joint_loop(self) -> bool:
-        """Whether rejection runs both sides in one context (`Rejection.loop`)."""
+        """Whether rejection runs both sides in one context (`Rejection.loop`); "auto" takes the
+        loop the machine's measured decode costs favour (`calibrate.costs`, cached)."""
         loop = self.rejection.loop if self.rejection is not None else "drafted"
-        return loop == "joint" or (loop == "auto" and not self.model.offloaded)
+        if loop == "auto":
+            return calibrate.costs(self.model, self.n_threads).joint_wins
+        return loop == "joint"
 
     # contexts are made on first use and reused across replies
     def _contexts(self) -> tuple[Context, Context | None]:

@@ -6,7 +6,8 @@
   naive      rejection, token by token on two contexts (one steered + one plain evaluation per token)
   drafted    rejection with drafting: steered drafts checked by one batched plain decode
   joint      rejection in one context: each token one decode of two rows, steered and plain
-             (the default on a CPU, `Rejection.loop` "auto")
+  auto       (`Rejection.loop` "auto") the loop the machine's measured decode costs favour
+             (localsteer/calibrate.py), printed with how it compares to the faster of the two
 
     .venv/bin/python scripts/bench_rejection.py [--models smollm2-135m-instruct,...] [--tokens 96]
 
@@ -37,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from localsteer import api, models  # noqa: E402
+from localsteer import api, calibrate, models  # noqa: E402
 from localsteer.errors import LocalsteerError  # noqa: E402
 from localsteer.importance import importance_order  # noqa: E402
 from localsteer.runtime import default_threads  # noqa: E402
@@ -158,6 +159,11 @@ def main() -> None:
         print(f"{'':<30}its logits differ from k one-token decodes' by at most {drift}")
         print(f"{'':<30}same model load: joint / plain {med['joint'] / med['plain']:.2f}, "
               f"drafted / plain {med['drafted'] / med['plain']:.2f}")
+        c = calibrate.costs(model, fresh=True)
+        pick = "joint" if c.joint_wins else "drafted"
+        best = max(("joint", "drafted"), key=lambda k: med[k])
+        print(f"{'':<30}auto (measured: {c.describe()}): {pick} at {med[pick]:.1f} tok/s, "
+              f"{med[pick] / med[best]:.2f} x the faster loop ({best}; goal >= 0.97)")
         same = sum(a == b for a, b in zip(chosen["joint"], chosen["drafted"]))
         print(f"{'':<30}joint chose the drafted loop's token {same}/{len(chosen['drafted'])} times")
         for st, _ in runs.values():

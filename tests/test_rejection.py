@@ -185,10 +185,24 @@ def test_reconfiguring_mid_reply_takes_effect(smol, vector, fast, loop):
     assert seen[0] == tuple(layers) and seen[-1] == (8, 9)
 
 
-def test_auto_loop_is_joint_on_the_cpu(smol, vector):
+def test_auto_loop_is_the_one_the_measured_costs_favour(smol, vector, tmp_path, monkeypatch):
+    from localsteer import calibrate
+
+    monkeypatch.setenv("LOCALSTEER_HOME", str(tmp_path))
+    monkeypatch.setattr(calibrate, "_memo", {})
     layers = list(range(6, 20))
-    st = Steerer(smol, vector.only_layers(layers), layers, Rejection(topk=20), importance=layers)
-    assert Rejection().loop == "auto" and st.joint_loop() == (not smol.offloaded)
+    st = Steerer(smol, vector.only_layers(layers), layers, Rejection(topk=20), importance=layers, n_threads=1)
+    c = calibrate.costs(smol, 1)
+    assert 0 < c.one < c.rows[2] * 2 and c.joint > 0 and c.draft == Rejection().draft
+    assert Rejection().loop == "auto" and st.joint_loop() == (c.joint_per_token < c.one + c.rows[3] / 3)
+    cached = list((tmp_path / "calibration").glob("*.json"))
+    assert len(cached) == (0 if c.noisy else 1)  # measured once, then read (unless other work disturbed it)
+    if c.noisy:
+        return
+    monkeypatch.setattr(calibrate, "_memo", {})
+    monkeypatch.setattr(calibrate, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert calibrate.costs(smol, 1) == c
+    assert st.joint_loop() == c.joint_wins
     assert not Steerer(smol, vector.only_layers(layers), layers, Rejection(topk=20, loop="drafted")).joint_loop()
     with pytest.raises(ValueError, match="loop must be one of"):
         Rejection(loop="fast")

@@ -36,7 +36,7 @@ from .base import (FiniteFloat, ctx_option, directer_options, gpu_option, layers
 @click.option("--reject-loop", type=click.Choice(["auto", "joint", "drafted"]), default="auto", show_default=True,
               help="How rejection evaluates both sides: joint (one context, one two-row decode per token; "
                    "faster on CPUs), drafted (two contexts, steered drafts checked in one batch; for GPUs); "
-                   "auto: joint on the CPU, drafted when the model is offloaded to a GPU.")
+                   "auto: the one this machine's measured decode costs favour (`localsteer doctor` shows it).")
 @loras_option
 @when_option
 @click.option("--instruction", default=None, metavar="TEXT",

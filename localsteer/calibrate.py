@@ -1,0 +1,131 @@
+"""What decode shapes cost on the machine at hand, measured once per model, backend and thread
+count and cached in `$LOCALSTEER_HOME/calibration/`: the choice of rejection loop (`auto`) is
+made by these numbers, not by the kind of device.
+
+Rejection evaluates a steered and a plain row per token, in one of two loops (steer.py):
+- joint: one context, one decode of two rows per token, the vector added to the steered row by an
+  eval callback (`runtime.RowSteer`);
+- drafted: the steered row alone (llama.cpp's own control vector), and the plain model checking
+  `draft` steered tokens at once in one decode of `draft` rows.
+
+Per token, joint costs `joint` (a two-row decode with the callback), drafted about `one` plus
+`rows[draft]` / draft. On the Intel hosts a second row costs 0.22 of a first and joint wins; on
+the AMD EPYC ones two rows cost 1.6-2.5 x one and drafted wins; on GPUs rows are nearly free.
+The measurement takes about a second on a 0.5B model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import write_text
+from .models import home, quick_fingerprint
+from .runtime import Model, RowSteer, backend_devices, default_threads
+
+VERSION = 1
+NOISY = 2.0  # the median of a shape's decodes over its fastest, beyond which the numbers are not kept
+N_DECODES = 12  # per shape, after one warm-up; the fastest counts (other work on the cores only slows a decode)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per decode: `one` row; `rows[k]`, k plain rows; `joint`, two rows with the
+    steered one's vector added by the eval callback. `draft`: the drafted loop's batch."""
+
+    one: float
+    rows: dict[int, float]
+    joint: float
+    draft: int = 3
+    noisy: bool = False  # the decodes' times spread widely: other work on the cores (not cached)
+
+    @property
+    def joint_per_token(self) -> float:
+        return self.joint
+
+    @property
+    def drafted_per_token(self) -> float:
+        return self.one + self.rows[self.draft] / self.draft
+
+    @property
+    def joint_wins(self) -> bool:
+        return self.joint_per_token < self.drafted_per_token
+
+    def describe(self) -> str:
+        return (f"a decode of 2 rows costs {self.rows[2] / self.one:.2f} x one; per token: joint "
+                f"{1000 * self.joint_per_token:.1f} ms, drafted {1000 * self.drafted_per_token:.1f} ms -> "
+                f"{'joint' if self.joint_wins else 'drafted'}"
+                + (" (noisy: other work on the cores; measured again next time)" if self.noisy else ""))
+
+
+def _fastest_decode(ctx, prompt: list[int], n_rows: int, spread: list[float]) -> float:
+    """The shortest time of a decode of `n_rows` rows (one per sequence), after the prompt."""
+    ctx.clear()
+    ctx.decode_sequence(prompt, 0, seq_id=0)
+    for s in range(1, n_rows):
+        ctx.share(0, s)
+    times = []
+    for i in range(N_DECODES + 1):
+        t0 = time.perf_counter()
+        ctx.decode([1] * n_rows, [len(prompt) + i] * n_rows, list(range(n_rows)), [True] * n_rows)
+        times.append(time.perf_counter() - t0)
+    spread.append(statistics.median(times[1:]) / min(times[1:]))
+    return min(times[1:])
+
+
+def measure(model: Model, n_threads: int | None = None, draft: int = 3) -> Costs:
+    """Time decodes of 1, 2 and `draft` rows, and the joint loop's two rows, after a short prompt."""
+    prompt = model.tokenize("The quick brown fox jumps over the lazy dog. " * 4)
+    n_seq = max(2, draft)
+    rows = RowSteer()
+    directions = np.zeros((model.n_layer, model.n_embd), dtype=np.float32)
+    with model.context(n_ctx=(len(prompt) + N_DECODES + 8) * n_seq, n_seq_max=n_seq, n_threads=n_threads,
+                       capture=rows) as ctx:
+        spread: list[float] = []
+        costs = {k: _fastest_decode(ctx, prompt, k, spread) for k in sorted({1, 2, draft})}
+        rows.rows = [0]
+        rows.set(directions, range(model.n_layer // 4, 3 * model.n_layer // 4))
+        joint = _fastest_decode(ctx, prompt, 2, spread)
+    return Costs(costs[1], {k: v for k, v in costs.items() if k > 1}, joint, draft, noisy=max(spread) > NOISY)
+
+
+def _path(model: Model, n_threads: int) -> Path:
+    devices = "-".join(sorted({name for name, _ in backend_devices()})) or "cpu"
+    where = "gpu" if model.offloaded else "cpu"
+    key = f"{quick_fingerprint(model.path)[:16]}-{where}-{devices}-{n_threads}t-v{VERSION}".replace("/", "_")
+    return home() / "calibration" / f"{key}.json"
+
+
+_memo: dict[Path, Costs] = {}
+
+
+def costs(model: Model, n_threads: int | None = None, fresh: bool = False) -> Costs:
+    """The model's decode costs on this machine: from the cache, else measured and cached."""
+    threads = n_threads or default_threads()
+    path = _path(model, threads)
+    if not fresh:
+        if path in _memo:
+            return _memo[path]
+        try:
+            data = json.loads(path.read_text())
+            c = Costs(data["one"], {int(k): v for k, v in data["rows"].items()}, data["joint"], data["draft"])
+            if not (c.one > 0 and c.joint > 0 and c.draft in c.rows):
+                raise ValueError(path)
+            _memo[path] = c
+            return c
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    c = measure(model, threads)
+    if not c.noisy:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, json.dumps(asdict(c)))
+        except OSError:
+            pass  # a read-only home: measured again next time
+    _memo[path] = c
+    return c
