@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import math
 import threading
@@ -370,6 +371,7 @@ class _Slot:
         self.stream = None
         self.events: list = []
         self.text = ""
+        self.sent = 0  # characters of `text` sent to a streamed request
         self.t0 = 0.0
 
     def start(self, job: Job, fingerprint: str, shared=None, rows: RowsSteer | None = None) -> None:
@@ -394,7 +396,7 @@ class _Slot:
             if self.decision is not None and not self.decision.steer:
                 vector, loras = None, ()  # not a prompt the probe flags: the plain model
             if shared is not None and (p.rejection is None or vector is None) and not loras:
-                self.job, self.events, self.text, self.t0 = job, [], "", time.perf_counter()
+                self.job, self.events, self.text, self.sent, self.t0 = job, [], "", 0, time.perf_counter()
                 self._prefill(shared, rows, vector, p.steering.layers, p)
                 return
             importance = None
@@ -403,7 +405,7 @@ class _Slot:
             st.configure(vector, p.steering.layers or None, p.rejection if vector is not None else None, importance)
             if list(loras) != st.adapters:
                 st.set_adapters(list(loras))
-        self.job, self.events, self.text, self.t0 = job, [], "", time.perf_counter()
+        self.job, self.events, self.text, self.sent, self.t0 = job, [], "", 0, time.perf_counter()
         self.stream = st.generate(p.prompt, p.max_tokens, p.sampling)
 
     def _prefill(self, shared, rows: RowsSteer, vector, layers: Sequence[int], p: Plan) -> None:
@@ -563,31 +565,35 @@ class Engine:
         self._took(s, ev)
 
     def _took(self, s: _Slot, ev) -> bool:
-        """Record a slot's new token; False when that ended the request."""
+        """Record a slot's new token; False when that ended the request. A streamed request is
+        sent its text as far as no stop string can begin in it: a stop string split across
+        tokens is never sent in part."""
         job = s.job
         s.events.append(ev)
         if self.model.is_eog(ev.token):
-            self._finish(s, "stop")
+            self._finish(s, "stop", ev)
             return False
         before = len(s.text)
         s.text += ev.text
         hit = _stop_at(s.text, job.plan.stop, before)
         if hit is not None:
-            ev = s.events[-1] = _cut(ev, len(ev.text) - (len(s.text) - hit))
             s.text = s.text[:hit]
-            if job.streamed:
-                job.emit("token", ev)
-            self._finish(s, "stop")
+            self._finish(s, "stop", ev)
+            return False
+        if len(s.events) >= job.plan.max_tokens or len(job.plan.prompt) + len(s.events) >= self.n_ctx:
+            self._finish(s, "length", ev)
             return False
         if job.streamed:
-            job.emit("token", ev)
-        if len(s.events) >= job.plan.max_tokens or len(job.plan.prompt) + len(s.events) >= self.n_ctx:
-            self._finish(s, "length")
-            return False
+            safe = len(s.text) - _held(s.text, job.plan.stop)
+            job.emit("token", _cut(ev, s.text[s.sent:safe]))
+            s.sent = safe
         return True
 
-    def _finish(self, s: _Slot, reason: str) -> None:
+    def _finish(self, s: _Slot, reason: str, last=None) -> None:
         job, events = s.job, s.events
+        last = last if last is not None else (events[-1] if events else None)
+        if job.streamed and last is not None and s.sent < len(s.text):
+            job.emit("token", _cut(last, s.text[s.sent:]))  # what was held back for a stop string
         if s.stream is not None:
             s.stream.close()
         s.job = s.stream = None
@@ -596,6 +602,7 @@ class Engine:
         n = sum(not self.model.is_eog(e.token) for e in events)
         job.emit("end", {"finish_reason": reason, "completion_tokens": len(events), "text_tokens": n,
                          "seconds": seconds, "acceptance": api.acceptance(events), "events": events,
+                         "text": s.text,
                          "gate": None if s.decision is None else s.decision.as_dict(),
                          "statuses": dict(collections.Counter(e.status.value for e in events))})
 
@@ -624,9 +631,15 @@ def _stop_at(text: str, stops: Sequence[str], before: int) -> int | None:
     return best
 
 
-def _cut(ev, keep: int):
-    import dataclasses
-    return dataclasses.replace(ev, text=ev.text[:max(0, keep)])
+def _held(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` could begin a stop string."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+def _cut(ev, text: str):
+    """`ev` carrying `text` (what is sent of it)."""
+    return dataclasses.replace(ev, text=text)
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
@@ -781,7 +794,7 @@ def make_app(service: Service):
                 return error(payload)
             end = payload
             events = [e for e in end["events"] if not service.model.is_eog(e.token)]
-            text = [e.text for e in events]
+            text = [end["text"]]
             reason = "length" if end["finish_reason"] == "length" else "stop"
             choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": reason}
                       if chat else {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None})

@@ -310,3 +310,16 @@ def test_batched_rows_each_with_its_own_vector_equal_alone(smol):
         assert streamed == alone[0]
     finally:
         s.close()
+
+
+def test_a_stop_string_ends_the_reply_before_it(smol, srv):
+    """Greedy SmolLM2 answers "I'm so glad you're enjoying ...": the stops are cut from it."""
+    want = generate(smol, [], max_tokens=24).text
+    for stop in (want.split()[3], "glad you're enjoying"):  # one word; the second spans several tokens
+        got = chat(srv, max_tokens=24, stop=[stop])
+        assert got.choices[0].message.content == want[:want.index(stop)], stop
+        assert got.choices[0].finish_reason == "stop"
+        chunks = list(chat(srv, max_tokens=24, stop=["nowhere", stop], stream=True))
+        # streamed: never a part of the stop string, though it arrives a token at a time
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want[:want.index(stop)]
+    assert "glad you're enjoying" in want
