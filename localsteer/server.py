@@ -497,10 +497,10 @@ class Engine:
                 if self._closing:
                     for s in self._slots:
                         if s.job is not None:
-                            s.job.emit("error", RequestError("the server is shutting down", status=503,
+                            _send(s.job, "error", RequestError("the server is shutting down", status=503,
                                                              kind="server_error"))
                     for job in self._queue:
-                        job.emit("error", RequestError("the server is shutting down", status=503, kind="server_error"))
+                        _send(job, "error", RequestError("the server is shutting down", status=503, kind="server_error"))
                     return
                 starting = []
                 for s in self._slots:
@@ -515,9 +515,17 @@ class Engine:
                     self._fail(s, job, e)
             for s in self._slots:
                 if s.job is not None and not s.batched:
-                    self._step(s)
+                    try:
+                        self._step(s)
+                    except Exception as e:  # noqa: BLE001 - the engine outlives any request
+                        self._fail(s, s.job, e)
             if self._shared is not None:
-                self._batched_round()
+                try:
+                    self._batched_round()
+                except Exception as e:  # noqa: BLE001
+                    for s in self._slots:
+                        if s.job is not None and s.batched:
+                            self._fail(s, s.job, e)
 
     def _batched_round(self) -> None:
         """One token of every batched request, then one decode of all their rows."""
@@ -585,7 +593,7 @@ class Engine:
             return False
         if job.streamed:
             safe = len(s.text) - _held(s.text, job.plan.stop)
-            job.emit("token", _cut(ev, s.text[s.sent:safe]))
+            _send(job, "token", _cut(ev, s.text[s.sent:safe]))
             s.sent = safe
         return True
 
@@ -593,20 +601,20 @@ class Engine:
         job, events = s.job, s.events
         last = last if last is not None else (events[-1] if events else None)
         if job.streamed and last is not None and s.sent < len(s.text):
-            job.emit("token", _cut(last, s.text[s.sent:]))  # what was held back for a stop string
+            _send(job, "token", _cut(last, s.text[s.sent:]))  # what was held back for a stop string
         if s.stream is not None:
             s.stream.close()
         s.job = s.stream = None
         s.batched = False
         seconds = time.perf_counter() - s.t0
         n = sum(not self.model.is_eog(e.token) for e in events)
-        job.emit("end", {"finish_reason": reason, "completion_tokens": len(events), "text_tokens": n,
+        _send(job, "end", {"finish_reason": reason, "completion_tokens": len(events), "text_tokens": n,
                          "seconds": seconds, "acceptance": api.acceptance(events), "events": events,
                          "text": s.text,
                          "gate": None if s.decision is None else s.decision.as_dict(),
                          "statuses": dict(collections.Counter(e.status.value for e in events))})
 
-    def _fail(self, s: _Slot, job: Job, e: BaseException) -> None:
+    def _fail(self, s: _Slot, job: Job | None, e: BaseException) -> None:
         if s.stream is not None:
             try:
                 s.stream.close()
@@ -618,7 +626,18 @@ class Engine:
             err = RequestError(str(e))
         else:
             err = RequestError(f"internal error: {type(e).__name__}: {e}", status=500, kind="server_error")
-        job.emit("error", err)
+        _send(job, "error", err)
+
+
+def _send(job: Job | None, kind: str, payload) -> None:
+    """`job.emit`, which never takes the engine down: if the request's side is gone (its event
+    loop closed), the job is cancelled and dropped at its next token."""
+    if job is None:
+        return
+    try:
+        job.emit(kind, payload)
+    except Exception:  # noqa: BLE001
+        job.cancelled.set()
 
 
 def _stop_at(text: str, stops: Sequence[str], before: int) -> int | None:

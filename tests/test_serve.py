@@ -323,3 +323,30 @@ def test_a_stop_string_ends_the_reply_before_it(smol, srv):
         # streamed: never a part of the stop string, though it arrives a token at a time
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want[:want.index(stop)]
     assert "glad you're enjoying" in want
+
+
+def test_the_engine_outlives_a_request_whose_side_is_gone(smol):
+    """A request whose event loop closed (the server stopping mid-reply) makes its emit raise:
+    the engine drops it and serves the next one."""
+    engine = server.Engine(smol, slots=1, queue=2, n_ctx=512, n_threads=1, batch=False)
+    try:
+        index = server.vector_index(smol, "smollm2-135m-instruct")
+        plan = server.plan(smol, {"max_tokens": 8, "temperature": 0}, api.chat_prompt(smol, ASK), index,
+                           server.Defaults(), 512)
+
+        def gone(kind, payload):
+            raise RuntimeError("Event loop is closed")
+
+        done, ends = threading.Event(), []
+
+        def fine(kind, payload):
+            if kind != "token":
+                ends.append((kind, payload))
+                done.set()
+
+        engine.submit(server.Job(plan, gone, streamed=True))
+        engine.submit(server.Job(plan, fine, streamed=True))
+        assert done.wait(60) and ends[0][0] == "end" and ends[0][1]["completion_tokens"] == 8
+        assert engine._thread.is_alive()
+    finally:
+        engine.close()
