@@ -167,14 +167,16 @@ def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool =
     return int(value) if integer else float(value)
 
 
-def _vector_specs(raw: Any, index: dict[str, VectorInfo]) -> list[str]:
+def _named(raw: Any, field: str) -> list[tuple[str, str, float | None]]:
+    """The items of a list field of names with optional scales (`"name"`, `"name:scale"` or
+    `{"name": ..., "scale": ...}`): (where, name, scale or None)."""
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise RequestError("steering.vectors must be a list", "steering.vectors")
-    specs = []
+        raise RequestError(f"{field} must be a list", field)
+    out = []
     for i, item in enumerate(raw):
-        where = f"steering.vectors[{i}]"
+        where = f"{field}[{i}]"
         if isinstance(item, str):
             name, sep, scale_text = item.partition(":")
             try:
@@ -182,20 +184,26 @@ def _vector_specs(raw: Any, index: dict[str, VectorInfo]) -> list[str]:
             except ValueError:
                 raise RequestError(f"{where}: bad scale {scale_text!r}", where) from None
         elif isinstance(item, dict):
-            name, scale = item.get("name"), item.get("scale")
+            name = item.get("name")
             if not isinstance(name, str):
                 raise RequestError(f"{where}.name must be a string", f"{where}.name")
-            if scale is not None:
-                scale = _number(item, "scale", -1e6, 1e6, None, param=f"{where}.scale")
+            scale = _number(item, "scale", -1e6, 1e6, None, param=f"{where}.scale")
         else:
             raise RequestError(f"{where} must be a name or an object with name and scale", where)
+        if scale is not None and not math.isfinite(scale):
+            raise RequestError(f"{where}: the scale must be finite", f"{where}.scale")
+        out.append((where, name, scale))
+    return out
+
+
+def _vector_specs(raw: Any, index: dict[str, VectorInfo]) -> list[str]:
+    specs = []
+    for where, name, scale in _named(raw, "steering.vectors"):
         info = index.get(name)
         if info is None:
             raise RequestError(f"{where}: unknown vector {name!r} (GET /v1/steering/vectors lists them)", f"{where}.name")
         if not info.fits:
             raise RequestError(f"{where}: {info.problem}", f"{where}.name")
-        if scale is not None and not math.isfinite(scale):
-            raise RequestError(f"{where}: the scale must be finite", f"{where}.scale")
         specs.append(f"{info.path}:{info.scale if scale is None else scale!r}")
     return specs
 
@@ -304,29 +312,11 @@ def plan(model: Model, body: dict, prompt: list[int], index: dict[str, VectorInf
 
 
 def _loras(raw: Any, known: dict) -> tuple:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise RequestError("steering.loras must be a list", "steering.loras")
     out = []
-    for i, item in enumerate(raw):
-        where = f"steering.loras[{i}]"
-        if isinstance(item, str):
-            name, sep, scale_text = item.partition(":")
-            try:
-                scale = float(scale_text) if sep else None
-            except ValueError:
-                raise RequestError(f"{where}: bad scale {scale_text!r}", where) from None
-        elif isinstance(item, dict) and isinstance(item.get("name"), str):
-            name = item["name"]
-            scale = _number(item, "scale", -1e6, 1e6, None, param=f"{where}.scale")
-        else:
-            raise RequestError(f"{where} must be a name or an object with name and scale", where)
+    for where, name, scale in _named(raw, "steering.loras"):
         if name not in known:
             listed = ", ".join(sorted(known)) or "none: serve --lora PATH"
             raise RequestError(f"{where}: unknown adapter {name!r} (the server has {listed})", f"{where}.name")
-        if scale is not None and not math.isfinite(scale):
-            raise RequestError(f"{where}: the scale must be finite", f"{where}.scale")
         lora, default = known[name]
         out.append((lora, default if scale is None else scale))
     return tuple(out)

@@ -60,12 +60,12 @@ def test_key_scaling_touches_only_the_steered_row(smol):
     assert np.abs(steered100 - plain100).max() > 1.0
 
 
-def plain_greedy(model, tokens, n):
+def plain_greedy(model, tokens, n, n_ctx=512, kv_f32=False):
     """Greedy decoding, one token per decode, without flash attention as DIRECTER runs (flash
     attention's numerics differ a little: on this prompt its first token is a near-tie, "L"
     25.53 vs "En" 25.38 with it, 25.37 vs 25.48 without)."""
     out = []
-    with model.context(n_ctx=512, flash_attn=False) as ctx:
+    with model.context(n_ctx=n_ctx, flash_attn=False, kv_f32=kv_f32) as ctx:
         ctx.decode_sequence(tokens, 0)
         for _ in range(n):
             tok = int(np.argmax(ctx.logits()))

@@ -27,6 +27,7 @@ import pytest
 
 from localsteer import api
 from localsteer.directer import Directer, find_span
+from test_directer import plain_greedy  # noqa: E402 (tests/ is on the path)
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
@@ -106,16 +107,7 @@ class Reference:
 
 
 def plain_llama(model, tokens: list[int], n: int) -> list[int]:
-    out = []
-    with model.context(n_ctx=1024, flash_attn=False, kv_f32=True) as ctx:
-        ctx.decode_sequence(tokens, 0)
-        for _ in range(n):
-            tok = int(np.argmax(ctx.logits()))
-            out.append(tok)
-            if model.is_eog(tok):
-                break
-            ctx.decode([tok], [len(tokens) + len(out) - 1], [0], [True])
-    return out
+    return plain_greedy(model, tokens, n, n_ctx=1024, kv_f32=True)
 
 
 def identical(a: list[int], b: list[int], n: int) -> int:
