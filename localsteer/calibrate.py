@@ -48,18 +48,32 @@ class Costs:
     def joint_per_token(self) -> float:
         return self.joint
 
-    @property
-    def drafted_per_token(self) -> float:
-        return self.one + self.rows[self.draft] / self.draft
+    def drafted_per_token(self, acceptance: float = 1.0) -> float:
+        """The drafted loop's expected seconds per token when each steered token passes the
+        plain check with probability `acceptance` (rejection rounds aside: both loops pay them
+        alike). With the plain side lagging one token (steer.py, `drafted`), a check of m rows
+        judges m drafts, m - 2 of them drafted before the check; it ends at the first rejection
+        (at draft j: j tokens, max(m - 2, j - 1) + 1 steered decodes) or after m passes (m
+        tokens, m steered decodes). The cheaper of 2 rows and `draft` rows."""
+        a = min(1.0, max(0.0, acceptance))
 
-    @property
-    def joint_wins(self) -> bool:
-        return self.joint_per_token < self.drafted_per_token
+        def per_token(m: int) -> float:
+            ends = [(a ** (j - 1) * (1 - a), j, max(m - 2, j - 1) + 1) for j in range(1, m + 1)] + [(a ** m, m, m)]
+            seconds = sum(p * (steered * self.one + self.rows[m]) for p, _, steered in ends)
+            return seconds / sum(p * tokens for p, tokens, _ in ends)
+
+        return min(per_token(m) for m in sorted({2, self.draft}))
+
+    def joint_wins(self, acceptance: float = 1.0) -> bool:
+        """Whether the joint loop is the faster one at this share of steered tokens passing."""
+        return self.joint_per_token < self.drafted_per_token(acceptance)
 
     def describe(self) -> str:
+        low = next((a / 20 for a in range(20, -1, -1) if self.joint_wins(a / 20)), None)
         return (f"a decode of 2 rows costs {self.rows[2] / self.one:.2f} x one; per token: joint "
-                f"{1000 * self.joint_per_token:.1f} ms, drafted {1000 * self.drafted_per_token:.1f} ms -> "
-                f"{'joint' if self.joint_wins else 'drafted'}"
+                f"{1000 * self.joint_per_token:.1f} ms, drafted {1000 * self.drafted_per_token():.1f} ms -> "
+                f"{'joint' if self.joint_wins() else 'drafted'}"
+                + ("" if self.joint_wins() or low is None else f" (joint when at most {low:.0%} of tokens pass)")
                 + (" (noisy: other work on the cores; measured again next time)" if self.noisy else ""))
 
 
@@ -114,7 +128,7 @@ def costs(model: Model, n_threads: int | None = None, fresh: bool = False) -> Co
         try:
             data = json.loads(path.read_text())
             c = Costs(data["one"], {int(k): v for k, v in data["rows"].items()}, data["joint"], data["draft"])
-            if not (c.one > 0 and c.joint > 0 and c.draft in c.rows):
+            if not (c.one > 0 and c.joint > 0 and c.draft in c.rows and 2 in c.rows):
                 raise ValueError(path)
             _memo[path] = c
             return c

@@ -61,3 +61,9 @@ class Sampling:
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def prob_of(logits: np.ndarray, token: int) -> float:
+    """softmax(logits)[token], without the softmax's division over the whole vocabulary."""
+    m = logits.max()
+    return float(np.exp(logits[token] - m) / np.exp(logits - m).sum())

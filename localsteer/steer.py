@@ -27,13 +27,14 @@ import numpy as np
 from . import calibrate
 from .casefold import case_classes, extension_mass, respelled, spellings, spelled
 from .runtime import Context, Lora, Model, RowSteer
-from .sampling import Sampling, softmax
+from .sampling import Sampling, prob_of, softmax
 from .vector import ControlVector, format_layers
 
 RECOVERY = ("reset", "hold", "gradual")
 SCHEDULES = ("halve", "one")
 FOLDS = ("none", "case", "recase")
 LOOPS = ("auto", "drafted", "joint")
+PRIOR_TOKENS = 16  # the weight, in tokens, of the replies before the last in `Steerer.passed`
 
 @dataclass(frozen=True)
 class Rejection:
@@ -146,6 +147,9 @@ class Steerer:
         self._joint: Context | None = None  # both sequences in one context (Rejection.loop "joint")
         self._rows = RowSteer()
         self._joint_run = False  # the reply in progress uses `_joint`
+        # the share of steered tokens that passed the plain check at the first try, in the
+        # last reply with rejection: "auto" weighs the loops' costs at it (1 before any reply)
+        self.passed = 1.0
         self.configure(vector, layers, rejection, importance)
 
     def configure(self, vector: ControlVector | None = None, layers: Sequence[int] | None = None,
@@ -177,21 +181,30 @@ class Steerer:
 
     def joint_loop(self) -> bool:
         """Whether rejection runs both sides in one context (`Rejection.loop`); "auto" takes the
-        loop the machine's measured decode costs favour (`calibrate.costs`, cached)."""
+        loop the machine's measured decode costs favour (`calibrate.costs`, cached) at the share
+        of tokens that passed in the last reply: the drafted loop wastes its speculative drafts
+        when many are rejected, the joint one has none."""
         loop = self.rejection.loop if self.rejection is not None else "drafted"
         if loop == "auto":
-            return calibrate.costs(self.model, self.n_threads).joint_wins
+            return calibrate.costs(self.model, self.n_threads).joint_wins(self.passed)
         return loop == "joint"
 
-    # contexts are made on first use and reused across replies
+    # contexts are made on first use and reused across replies; those of the other loop closed
     def _contexts(self) -> tuple[Context, Context | None]:
         if self.rejection is not None and self.joint_loop():
+            for ctx in (self._steered, self._plain):
+                if ctx is not None:
+                    ctx.close()
+            self._steered = self._plain = None
             if self._joint is None:
                 self._joint = self.model.context(n_ctx=2 * self.n_ctx, n_seq_max=2, n_threads=self.n_threads,
                                                  capture=self._rows)
                 if self.adapters:
                     self._joint.set_loras(self.adapters)
             return self._joint, self._joint
+        if self._joint is not None:
+            self._joint.close()
+            self._joint = None
         if self._steered is None:
             self._steered = self.model.context(n_ctx=self.n_ctx, n_threads=self.n_threads)
             if self.adapters:
@@ -249,7 +262,7 @@ class Steerer:
             p_logits = steered.logits()
             self._rows.rows = [0]  # from here on every decode's first row is the steered token
             run = _ReplyDecoder(self, list(prompt), sampling, max_tokens, steered, plain)
-            yield from run.checked(s_logits, p_logits, state)
+            yield from self._counted(run.checked(s_logits, p_logits, state))
             return
         steered.decode_sequence(prompt, 0)
         s_logits = steered.logits()
@@ -266,9 +279,23 @@ class Steerer:
         if plain is None:
             yield from run.unchecked(s_logits, state)
         elif fast and self.rejection.draft > 1 and self.rejection.fold != "recase":
-            yield from run.drafted(s_logits, p_logits, state)
+            yield from self._counted(run.drafted(s_logits, p_logits, state))
         else:
-            yield from run.checked(s_logits, p_logits, state)
+            yield from self._counted(run.checked(s_logits, p_logits, state))
+
+    def _counted(self, events: Iterator[TokenEvent]) -> Iterator[TokenEvent]:
+        """`events`, counting the steered tokens that passed the plain check at the first try
+        into `passed` (a running share: the replies so far, the last ones weighing most)."""
+        n = n_pass = 0
+        try:
+            for ev in events:
+                if ev.status != Status.UNSTEERED:
+                    n += 1
+                    n_pass += ev.rounds == 0 and ev.status != Status.PLAIN
+                yield ev
+        finally:
+            if n:
+                self.passed = (PRIOR_TOKENS * self.passed + n_pass) / (PRIOR_TOKENS + n)
 
 
 class _ActiveLayers:
@@ -338,7 +365,7 @@ class _ReplyDecoder:
         if not self.steerer.details:
             return ev
         if s_logits is not None:
-            ev.steered_prob = float(softmax(s_logits)[token])
+            ev.steered_prob = prob_of(s_logits, token)
         if p_logits is not None:
             p = softmax(p_logits)
             ev.plain_prob = float(p[token])
@@ -444,9 +471,11 @@ class _ReplyDecoder:
             return respelled(self.model, tok, full), self._plain_token(tok, p_logits), status, rounds, s_logits
         return (tok,), self._plain_token(tok, p_logits), status, rounds, s_logits
 
-    def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _ActiveLayers):
+    def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _ActiveLayers, lazy: bool = False):
         """Resolve one token with rejection, yield its event, and feed it to both contexts.
-        Returns the next (steered, plain) logits, or None when the reply is over."""
+        Returns the next (steered, plain) logits, or None when the reply is over. `lazy`: the
+        plain context does not read the token yet (the drafted loop puts it at the head of its
+        next batch) and the plain logits returned are None."""
         self.steerer._apply(state.active)
         written, read, status, rounds, s_logits = self._resolve(s_logits, p_logits, state)
         for i, tok in enumerate(written):
@@ -468,6 +497,8 @@ class _ReplyDecoder:
                                 [0, 1], [True, True])
             return self.steered.logits(0), self.steered.logits(1)
         s_logits = self._steered_next(written[-1], len(self.history) - 1)
+        if lazy:
+            return s_logits, None
         return s_logits, self._plain_append([read], len(self.plain_history) - 1)[0]
 
     def _steered_next(self, tok: int, pos: int, redo: bool = False) -> np.ndarray:
@@ -506,58 +537,84 @@ class _ReplyDecoder:
         plain.decode(toks, range(start, start + len(toks)), [0] * len(toks), [True] * len(toks))
         return plain.logits_rows(len(toks))
 
-    def drafted(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _ActiveLayers) -> Iterator[TokenEvent]:
-        """Draft up to `draft` steered tokens, verify them with one batched plain decode."""
-        steered, plain = self.steered, self.plain
+    def drafted(self, s_logits: np.ndarray, p_logits: np.ndarray | None, state: _ActiveLayers) -> Iterator[TokenEvent]:
+        """Draft steered tokens and check them with one batched plain decode of 2 or 3 rows.
+
+        The plain side may lag one token behind (`p_logits` None): the token chosen after a
+        rejection, or the last one a check judged, is not read by the plain context alone (a
+        batch of one, which some kernels compute differently) but at the head of the next
+        check, before the drafts. A check of n rows thus judges n drafts when the plain side
+        lags (n + 1 when not), and the last of them is drafted lazily, only once the ones before
+        it passed. After a rejection a check has 2 rows (fewer speculative drafts to lose),
+        after a clean one `draft` rows (more tokens per plain decode). The choices are those of
+        the token-by-token loop (`checked`)."""
+        rows = self.rejection.draft
         while True:
-            n_draft = self.rejection.draft
-            # 1. draft on the steered context, as if every token will be accepted
             state = self._refresh(state)
-            start = len(self.history)
+            start = len(self.history)  # the position of the first draft
+            lag = p_logits is None  # the plain context has not read history[-1]
+            # 1. draft the tokens the check holds: [history[-1] if lagging] + drafts
+            n_known = max(2, min(rows, self.rejection.draft)) - (1 if lag else 0)
             drafts: list[tuple[int, np.ndarray, _ActiveLayers]] = []
-            cur = s_logits
-            st = state
+            cur, st = s_logits, state
             while True:
                 self.steerer._apply(st.active)
-                tok = self.sampling.choose(cur, start - self.n_prompt + len(drafts), 0)
-                drafts.append((tok, cur, st.copy()))
-                final = self.model.is_eog(tok) or start - self.n_prompt + len(drafts) >= self.max_tokens
-                if final or len(drafts) == n_draft:
+                drafts.append((self.sampling.choose(cur, start - self.n_prompt + len(drafts), 0), cur, st.copy()))
+                final = self._ends(drafts[-1][0], start + len(drafts))
+                if final or len(drafts) == n_known:
                     break
-                st = st.copy()
-                st.after_token()
-                self.steerer._apply(st.active)
-                steered.decode([tok], [start + len(drafts) - 1], [0], [True])
-                cur = steered.logits()
-            # 2. verify the whole run on the plain context in one decode
-            toks = [d[0] for d in drafts]
-            rows = self._plain_append(toks, start)
-            plain_logits = [p_logits] + [rows[j] for j in range(len(toks) - 1)]
-            # 3. accept the plausible prefix
+                cur, st = self._draft_next(drafts[-1], start + len(drafts) - 1)
+            # 2. the check: one plain decode; judge[i] holds the plain logits for draft i
+            batch = ([self.plain_history[-1]] if lag else []) + [d[0] for d in drafts]
+            if final and not lag:
+                batch.pop()  # nothing is judged after the reply's last token
+            judge = [] if lag else [p_logits]
+            if batch:
+                out = self._plain_append(batch, start - 1 if lag else start)
+                judge += list(out)
+            # 3. accept the plausible prefix; a draft past the known ones is made when it is judged
             j = 0
-            while j < len(drafts) and drafts[j][2].active and self._plausible(drafts[j][0], plain_logits[j]):
+            while True:
+                if j == len(drafts):
+                    cur, st = self._draft_next(drafts[-1], start + j - 1)
+                    self.steerer._apply(st.active)
+                    drafts.append((self.sampling.choose(cur, start - self.n_prompt + j, 0), cur, st.copy()))
                 tok, cur, st = drafts[j]
+                if not (st.active and self._plausible(tok, judge[j])):
+                    break
                 ev = self._event(tok, Status.STEERED if st.active == st.full else Status.WEAKENED, 0, st.active,
-                                 cur, plain_logits[j])
+                                 cur, judge[j])
                 self.history.append(tok)
                 self.plain_history.append(tok)
                 yield ev
                 if self._done(tok):
                     return
                 j += 1
-            if j == len(drafts):  # all accepted: the last draft is not yet on the steered cache
-                state = drafts[-1][2].copy()
-                state.after_token()
-                self.steerer._apply(state.active)
-                steered.decode([toks[-1]], [len(self.history) - 1], [0], [True])
-                s_logits, p_logits = steered.logits(), rows[-1]
+                if j == len(judge):
+                    break
+            if j == len(judge):  # all judged tokens passed: the steered side reads the last one
+                s_logits, state = self._draft_next(drafts[j - 1], start + j - 1)
+                p_logits, rows = None, self.rejection.draft
                 continue
-            # 4. roll back to the first rejected position and resolve it token by token
+            # 4. roll back to the rejected draft and resolve it token by token
             pos = len(self.history)
-            steered.remove(0, pos, -1)
-            plain.remove(0, pos, -1)
-            state = drafts[j][2]
-            nxt = yield from self._checked_step(drafts[j][1], plain_logits[j], state)
+            self.steered.remove(0, pos, -1)
+            self.plain.remove(0, pos, -1)
+            state, rows = drafts[j][2], 2
+            nxt = yield from self._checked_step(cur, judge[j], state, lazy=True)
             if nxt is None:
                 return
             s_logits, p_logits = nxt
+
+    def _ends(self, token: int, length: int) -> bool:
+        """Whether `token`, making the history `length` long, ends the reply."""
+        return self.model.is_eog(token) or length - self.n_prompt >= self.max_tokens
+
+    def _draft_next(self, draft: tuple[int, np.ndarray, _ActiveLayers], pos: int) -> tuple[np.ndarray, _ActiveLayers]:
+        """The steered side reads a draft (token, logits, layer set) at `pos`, with the layer
+        set that follows it; the logits after it and that set."""
+        st = draft[2].copy()
+        st.after_token()
+        self.steerer._apply(st.active)
+        self.steered.decode([draft[0]], [pos], [0], [True])
+        return self.steered.logits(), st

@@ -7,7 +7,10 @@
   drafted    rejection with drafting: steered drafts checked by one batched plain decode
   joint      rejection in one context: each token one decode of two rows, steered and plain
   auto       (`Rejection.loop` "auto") the loop the machine's measured decode costs favour
-             (localsteer/calibrate.py), printed with how it compares to the faster of the two
+             (localsteer/calibrate.py) at the share of tokens accepted, printed with how it
+             compares to the faster of the two, and with the machine's floor: 1 / the cost of a
+             decode of two rows over one (what evaluating a steered and a plain row per token
+             in one decode reaches at no other cost), to localsteer's plain decoding
 
     .venv/bin/python scripts/bench_rejection.py [--models smollm2-135m-instruct,...] [--tokens 96]
 
@@ -160,10 +163,13 @@ def main() -> None:
         print(f"{'':<30}same model load: joint / plain {med['joint'] / med['plain']:.2f}, "
               f"drafted / plain {med['drafted'] / med['plain']:.2f}")
         c = calibrate.costs(model, fresh=True)
-        pick = "joint" if c.joint_wins else "drafted"
+        pick = "joint" if c.joint_wins(accepted) else "drafted"
         best = max(("joint", "drafted"), key=lambda k: med[k])
         print(f"{'':<30}auto (measured: {c.describe()}): {pick} at {med[pick]:.1f} tok/s, "
               f"{med[pick] / med[best]:.2f} x the faster loop ({best}; goal >= 0.97)")
+        floor = c.one / c.rows[2]
+        print(f"{'':<30}floor 1 / (a 2-row decode over one, {c.rows[2] / c.one:.2f}) = {floor:.2f} x plain; auto "
+              f"{med[pick] / med['plain']:.2f} x plain = {med[pick] / med['plain'] / floor:.2f} x the floor (goal >= 0.90)")
         same = sum(a == b for a, b in zip(chosen["joint"], chosen["drafted"]))
         print(f"{'':<30}joint chose the drafted loop's token {same}/{len(chosen['drafted'])} times")
         for st, _ in runs.values():

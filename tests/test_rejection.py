@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from localsteer import api, importance, models
+from localsteer import api, calibrate, importance, models
 from localsteer.runtime import supports_gpu_offload
 from localsteer.steer import Rejection, Steerer
 
@@ -195,6 +195,7 @@ def test_auto_loop_is_the_one_the_measured_costs_favour(smol, vector, tmp_path, 
     c = calibrate.costs(smol, 1)
     assert 0 < c.one < c.rows[2] * 2 and c.joint > 0 and c.draft == Rejection().draft
     assert Rejection().loop == "auto" and st.joint_loop() == (c.joint_per_token < c.one + c.rows[3] / 3)
+    assert c.drafted_per_token(1.0) == pytest.approx(c.one + c.rows[3] / 3)
     cached = list((tmp_path / "calibration").glob("*.json"))
     assert len(cached) == (0 if c.noisy else 1)  # measured once, then read (unless other work disturbed it)
     if c.noisy:
@@ -202,7 +203,37 @@ def test_auto_loop_is_the_one_the_measured_costs_favour(smol, vector, tmp_path, 
     monkeypatch.setattr(calibrate, "_memo", {})
     monkeypatch.setattr(calibrate, "measure", lambda *a, **k: pytest.fail("measured again"))
     assert calibrate.costs(smol, 1) == c
-    assert st.joint_loop() == c.joint_wins
+    assert st.joint_loop() == c.joint_wins()
     assert not Steerer(smol, vector.only_layers(layers), layers, Rejection(topk=20, loop="drafted")).joint_loop()
     with pytest.raises(ValueError, match="loop must be one of"):
         Rejection(loop="fast")
+
+
+def test_drafted_cost_model_at_each_acceptance():
+    """All drafts pass: a 3-row check per 3 tokens and 3 steered decodes; none pass: a 2-row check
+    and one steered decode per token (nothing drafted before the check)."""
+    c = calibrate.Costs(one=1.0, rows={2: 2.0, 3: 2.5}, joint=2.2)
+    assert c.drafted_per_token(1.0) == pytest.approx(1 + 2.5 / 3)
+    assert c.drafted_per_token(0.0) == pytest.approx(1 + 2.0)
+    assert all(c.drafted_per_token(a / 10) >= c.drafted_per_token((a + 1) / 10) for a in range(10))
+    assert not c.joint_wins(1.0) and c.joint_wins(0.0)
+    assert "joint when at most" in c.describe()
+
+
+@pytest.mark.skipif(ON_GPU, reason=NOT_BATCH_INVARIANT)
+def test_auto_turns_to_the_joint_loop_when_most_tokens_are_rejected(smol, vector, monkeypatch):
+    """On a machine where the joint loop wins only when few tokens pass, an oversteered vector
+    moves `auto` to it after the first reply; the tokens stay the token-by-token loop's."""
+    c = calibrate.Costs(one=1.0, rows={2: 2.0, 3: 2.5}, joint=2.2)
+    monkeypatch.setattr(calibrate, "costs", lambda *a, **k: c)
+    layers = list(range(6, 20))
+    v = vector.only_layers(layers) * 200.0
+    st = Steerer(smol, v, layers, Rejection(topk=1), importance=layers)
+    ref = Steerer(smol, v, layers, Rejection(topk=1, loop="drafted"), importance=layers)
+    assert not st.joint_loop()
+    first = events(smol, st, PROMPTS[0], n=24)
+    assert st.passed < 0.7 and st.joint_loop()
+    second = events(smol, st, PROMPTS[1], n=24)
+    for p, got in ((PROMPTS[0], first), (PROMPTS[1], second)):
+        want = events(smol, ref, p, n=24, fast=False)
+        assert [(e.token, e.status, e.rounds) for e in got] == [(e.token, e.status, e.rounds) for e in want]
