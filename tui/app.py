@@ -36,6 +36,9 @@ from .widgets.token_details import TokenDetails
 from .widgets.transcript import Transcript
 
 
+FRAME = 1 / 20  # seconds between two redraws of a reply being written
+
+
 class ChatApp(App[None]):
     CSS_PATH = Path(__file__).parent / "app.tcss"  # absolute: subclasses live elsewhere
     TITLE = "localsteer chat"
@@ -60,6 +63,7 @@ class ChatApp(App[None]):
         self.choice = mix.PLAIN  # the panel's mix, resolved against the model
         self._settings: mix.MixSettings | None = None
         self._reply: tuple[Turn, Worker] | None = None  # the reply being written
+        self._streamed: tuple[Turn, float] | None = None  # tokens not shown yet: their turn, seconds
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
@@ -224,21 +228,36 @@ class ChatApp(App[None]):
         msg.turn.steered = msg.turn.steered or bool(msg.layers)
 
     def on_token_streamed(self, msg: TokenStreamed) -> None:
-        view = self.transcript.view_for(msg.turn)
-        if view is None:
+        """A token joins its turn at once; the screen shows the new tokens at most `FRAME` apart
+        (the reply view, the speed, the acceptance, the last token's details): redrawing at
+        every token took CPU from the model on a laptop's few cores."""
+        if self.transcript.view_for(msg.turn) is None:
             return  # a reply that was regenerated or cleared meanwhile
-        turn = msg.turn
-        turn.add(msg.event, msg.eog)
+        msg.turn.add(msg.event, msg.eog)
+        first = self._streamed is None
+        self._streamed = (msg.turn, msg.elapsed)
+        if first:
+            self.set_timer(FRAME, self._show_streamed)
+
+    def _show_streamed(self) -> None:
+        if self._streamed is None:
+            return
+        turn, elapsed = self._streamed
+        self._streamed = None
+        view = self.transcript.view_for(turn)
+        if view is None:
+            return
         view.update()
         n = len(turn.events)
-        if msg.elapsed > 0:
-            self.status.tokens_per_second = n / msg.elapsed
+        if elapsed > 0:
+            self.status.tokens_per_second = n / elapsed
         if turn.steered:
             self.status.acceptance = api.acceptance(turn.events)  # as the finished reply counts it
         if self.transcript.selected is None or self.transcript.selected is view:
             self.query_one(TokenDetails).show(turn, n - 1)
 
     def on_reply_finished(self, msg: ReplyFinished) -> None:
+        self._show_streamed()  # the tokens since the last frame
         turn, stats = msg.turn, msg.stats
         turn.stats = stats
         turn.text = msg.text
