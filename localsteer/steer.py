@@ -85,7 +85,7 @@ class Status(str, Enum):
 
     STEERED = "steered"  # at full steering, plausible to the plain model (or no rejection)
     WEAKENED = "weakened"  # after rejection rounds, with fewer layers steering
-    PLAIN = "plain"  # no layer set was plausible: the plain model's choice
+    PLAIN = "plain"  # no layer set was plausible (or, after 0 rounds, only one token was): the plain model's choice
     UNSTEERED = "unsteered"  # no steering was on
     SKIPPED = "skipped"  # the plain model left one plausible token: no steered pass (DIRECTER, greedy)
 
@@ -410,6 +410,22 @@ class _ReplyDecoder:
             return float(np.exp(p_logits[token] - p_logits.max())) >= rej.minp, None
         return True, None
 
+    def _only_plausible(self, p_logits: np.ndarray) -> int | None:
+        """The skip test: with greedy decoding and exact plausibility, the plain model's choice
+        when it is the only plausible token (top-k 1, or no other token within min-p of it).
+        Every weakened set would then either choose it or fall back to it, so the rounds are
+        not run; the token is `plain` after 0 rounds."""
+        rej = self.rejection
+        if not self.sampling.greedy or rej.fold != "none":
+            return None
+        top = int(np.argmax(p_logits))
+        if rej.topk == 1:
+            return top if int(np.count_nonzero(p_logits >= p_logits[top])) == 1 else None
+        if rej.minp > 0:
+            within = np.exp(p_logits - p_logits[top]) >= rej.minp  # as `_judge` tests each token
+            return top if int(np.count_nonzero(within)) == 1 else None
+        return None
+
     def _plain_token(self, token: int, p_logits: np.ndarray) -> int:
         """The token the plain context reads for a chosen `token`: itself, or with fold "recase"
         the plain model's likeliest spelling of it."""
@@ -442,6 +458,10 @@ class _ReplyDecoder:
         tok = self.sampling.choose(s_logits, step, 0)
         rounds = 0
         ok, word = self._judge(tok, p_logits) if state.active else (False, None)
+        if state.active and not ok:
+            only = self._only_plausible(p_logits)
+            if only is not None:  # every round would end with this token: none is evaluated
+                return (only,), only, Status.PLAIN, 0, s_logits
         while state.active and not ok:
             rounds += 1
             state.weaken()

@@ -122,7 +122,7 @@ def main() -> None:
                 n_ref = sum(len(r) for r in ref)
                 rounds = sum(e[2] for r in ref for e in r) / n_ref
                 # a round that leaves no layer evaluates nothing: the plain choice stands
-                evals = sum(e[2] - (e[1] == "plain") for r in ref for e in r) / n_ref
+                evals = sum(e[2] - (e[1] == "plain" and e[2] > 0) for r in ref for e in r) / n_ref
                 passed = sum(e[2] == 0 and e[1] != "plain" for r in ref for e in r) / sum(len(r) for r in ref)
                 bound = 1 / (two + evals)
                 cells, same = "", True

@@ -237,3 +237,21 @@ def test_auto_turns_to_the_joint_loop_when_most_tokens_are_rejected(smol, vector
     for p, got in ((PROMPTS[0], first), (PROMPTS[1], second)):
         want = events(smol, ref, p, n=24, fast=False)
         assert [(e.token, e.status, e.rounds) for e in got] == [(e.token, e.status, e.rounds) for e in want]
+
+
+@pytest.mark.parametrize("rejection", [Rejection(topk=1), Rejection(topk=20, minp=0.5)], ids=["top-1", "min-p"])
+def test_skip_test_runs_no_rounds_when_one_token_is_plausible(smol, vector, rejection):
+    """Greedy, and the plain model leaves one plausible token: it is the token, as every round
+    would end with it, and no weakened set is evaluated (0 rounds). The drafted loop agrees."""
+    layers = list(range(6, 20))
+    v = vector.only_layers(layers) * 40.0
+    st = Steerer(smol, v, layers, rejection, importance=layers)
+    evs = events(smol, st, PROMPTS[0], n=32, fast=False)
+    skipped = [e for e in evs if e.status == "plain" and e.rounds == 0]
+    assert skipped and all(e.token == max(e.plain_top, key=lambda t: t[2])[0] for e in skipped)
+    if rejection.topk == 1:  # every token is the plain model's choice
+        assert [e.token for e in evs] == tokens(smol, Steerer(smol), PROMPTS[0], n=32)
+    fast = events(smol, st, PROMPTS[0], n=32)
+    assert [(e.token, e.status, e.rounds, e.layers) for e in fast] == [(e.token, e.status, e.rounds, e.layers) for e in evs]
+    sampled = events(smol, st, PROMPTS[0], n=32, sampling=SAMPLED, fast=False)
+    assert not any(e.status == "plain" and e.rounds == 0 for e in sampled)  # greedy only
