@@ -21,6 +21,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -64,6 +65,11 @@ class Costs:
 
         return min(per_token(m) for m in sorted({2, self.draft}))
 
+    def batch_wins(self, n: int) -> bool:
+        """Whether one decode of `n` rows costs less than `n` decodes of one (the server's
+        batched requests, `server.Engine`)."""
+        return n > 1 and self.rows[n] < n * self.one
+
     def joint_wins(self, acceptance: float = 1.0) -> bool:
         """Whether the joint loop is the faster one at this share of steered tokens passing."""
         return self.joint_per_token < self.drafted_per_token(acceptance)
@@ -92,16 +98,18 @@ def _fastest_decode(ctx, prompt: list[int], n_rows: int, spread: list[float]) ->
     return min(times[1:])
 
 
-def measure(model: Model, n_threads: int | None = None, draft: int = 3) -> Costs:
-    """Time decodes of 1, 2 and `draft` rows, and the joint loop's two rows, after a short prompt."""
+def measure(model: Model, n_threads: int | None = None, draft: int = 3, widths: Iterable[int] = ()) -> Costs:
+    """Time decodes of 1, 2 and `draft` rows (and of each of `widths` rows: the server's batches),
+    and the joint loop's two rows, after a short prompt."""
     prompt = model.tokenize("The quick brown fox jumps over the lazy dog. " * 4)
-    n_seq = max(2, draft)
+    shapes = sorted({1, 2, draft, *widths})
+    n_seq = max(shapes)
     rows = RowSteer()
     directions = np.zeros((model.n_layer, model.n_embd), dtype=np.float32)
     with model.context(n_ctx=(len(prompt) + N_DECODES + 8) * n_seq, n_seq_max=n_seq, n_threads=n_threads,
                        capture=rows) as ctx:
         spread: list[float] = []
-        costs = {k: _fastest_decode(ctx, prompt, k, spread) for k in sorted({1, 2, draft})}
+        costs = {k: _fastest_decode(ctx, prompt, k, spread) for k in shapes}
         rows.rows = [0]
         rows.set(directions, range(model.n_layer // 4, 3 * model.n_layer // 4))
         joint = _fastest_decode(ctx, prompt, 2, spread)
@@ -118,23 +126,28 @@ def _path(model: Model, n_threads: int) -> Path:
 _memo: dict[Path, Costs] = {}
 
 
-def costs(model: Model, n_threads: int | None = None, fresh: bool = False) -> Costs:
-    """The model's decode costs on this machine: from the cache, else measured and cached."""
+def costs(model: Model, n_threads: int | None = None, fresh: bool = False, widths: Iterable[int] = ()) -> Costs:
+    """The model's decode costs on this machine: from the cache, else measured and cached.
+    `widths`: decodes of these numbers of rows must be among them (measured if not)."""
     threads = n_threads or default_threads()
     path = _path(model, threads)
+    widths = set(widths)
     if not fresh:
-        if path in _memo:
+        if path in _memo and widths <= {1, *_memo[path].rows}:
             return _memo[path]
         try:
             data = json.loads(path.read_text())
             c = Costs(data["one"], {int(k): v for k, v in data["rows"].items()}, data["joint"], data["draft"])
             if not (c.one > 0 and c.joint > 0 and c.draft in c.rows and 2 in c.rows):
                 raise ValueError(path)
+            if not widths <= {1, *c.rows}:
+                raise KeyError(widths)  # measured again, with the widths asked for
             _memo[path] = c
             return c
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    c = measure(model, threads)
+    cached = _memo.get(path)
+    c = measure(model, threads, widths=widths | set(cached.rows if cached else ()))
     if not c.noisy:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

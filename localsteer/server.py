@@ -49,7 +49,7 @@ from typing import Any, Sequence
 
 import codecs
 
-from . import api
+from . import api, calibrate
 from .api import LocalsteerError, Model
 from .runtime import RowsSteer
 
@@ -428,19 +428,23 @@ class _Slot:
 class Engine:
     """The thread that owns the model: `submit(job)` (raises `Busy`), `close()`.
 
-    `batch`: decode the next tokens of the requests steered by vectors alone (no rejection,
-    DIRECTER or adapters) in one `llama_decode`, each row with its own vector (`RowsSteer`) in
-    one context shared by the slots; the others keep their own contexts and take turns. "auto":
-    batched when the model runs on a GPU, where a second row is nearly free; on a CPU a decode of
-    several rows costs about as much as decoding them one after the other or more
-    (docs/benchmarks.md)."""
+    `batch`: the requests steered by vectors alone (no rejection, DIRECTER or adapters) live in
+    one context shared by the slots, each row with its own vector (`RowsSteer`); with True their
+    next tokens go into one `llama_decode` together; the others keep their own contexts and take
+    turns. "auto" (with 2 slots or more): together when the machine's measured decode costs say
+    a decode of that many rows costs less than as many one-row decodes (`calibrate.Costs.batch_wins`:
+    on a GPU nearly always; on the AMD EPYC hosts 4 rows but not 2), else the same rows one after
+    the other. False: no shared context."""
 
     def __init__(self, model: Model, slots: int = 1, queue: int = 8, n_ctx: int = 4096, n_threads: int | None = None,
                  batch: bool | str = "auto"):
         self.model = model
         self.n_ctx = n_ctx
         self._slots = [_Slot(model, n_ctx, n_threads, i) for i in range(slots)]
-        self.batched = model.offloaded if batch == "auto" else bool(batch)
+        self.batched = slots > 1 if batch == "auto" else bool(batch)
+        # "auto": whether k rows go into one decode is decided by the measured decode costs
+        auto = batch == "auto" and self.batched
+        self._costs = calibrate.costs(model, n_threads, widths=range(2, slots + 1)) if auto else None
         self._rows = RowsSteer() if self.batched else None
         self.widest = 0  # the most rows one batched decode has had (for tests and /health)
         self._shared = (model.context(n_ctx=slots * n_ctx, n_batch=max(512, slots), n_seq_max=slots,
@@ -452,6 +456,17 @@ class Engine:
         self._fingerprint = api.quick_fingerprint(model.path)
         self._thread = threading.Thread(target=self._run, name="localsteer-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def mode(self) -> str:
+        """How the requests steered by vectors alone are decoded, in words."""
+        if not self.batched:
+            return "taking turns"
+        if self._costs is None:
+            return "batched"
+        n = next((k for k in range(2, len(self._slots) + 1) if self._costs.batch_wins(k)), None)
+        return (f"batched from {n} requests on, measured" if n is not None else
+                "one row a decode, measured: a batch costs more than its rows one by one here")
 
     @property
     def busy_slots(self) -> int:
@@ -518,7 +533,8 @@ class Engine:
                             self._fail(s, s.job, e)
 
     def _batched_round(self) -> None:
-        """One token of every batched request, then one decode of all their rows."""
+        """One token of every batched request, then one decode of all their rows (or, where the
+        measured costs say so, one decode per row)."""
         going = []
         for s in self._slots:
             if s.job is None or not s.batched:
@@ -535,14 +551,16 @@ class Engine:
                 going.append((s, ev.token))
         if not going:
             return
-        self.widest = max(self.widest, len(going))
+        together = self._costs is None or self._costs.batch_wins(len(going))
+        self.widest = max(self.widest, len(going) if together else 1)
         try:
-            self._rows.set_rows([(s.directions, s.layers) for s, _ in going])
-            self._shared.decode([t for _, t in going], [s.pos for s, _ in going], [s.index for s, _ in going],
-                                [True] * len(going))
-            for i, (s, _) in enumerate(going):
-                s.logits = self._shared.logits(i)
-                s.pos += 1
+            for part in ([going] if together else [[g] for g in going]):
+                self._rows.set_rows([(s.directions, s.layers) for s, _ in part])
+                self._shared.decode([t for _, t in part], [s.pos for s, _ in part], [s.index for s, _ in part],
+                                    [True] * len(part))
+                for i, (s, _) in enumerate(part):
+                    s.logits = self._shared.logits(i)
+                    s.pos += 1
         except Exception as e:  # noqa: BLE001
             for s, _ in going:
                 self._fail(s, s.job, e)
@@ -724,7 +742,7 @@ def make_app(service: Service):
     async def health(request: Request):
         e = service.engine
         return JSONResponse({"status": "ok", "slots": len(e._slots), "busy": e.busy_slots, "queued": e.queued,
-                             "batched": e.batched})
+                             "batched": e.batched, "batching": e.mode})
 
     async def models(request: Request):
         try:

@@ -9,8 +9,9 @@
 
 tok/s is completion tokens / wall time (prompt processing included on both sides). Printed: one
 client / generate (the goal is >= 0.95) and the aggregate tok/s of 2 and 4 clients / one client
-(on 2 CPU cores little can be gained), with the slots taking turns (`--batch off`) and with
-their rows in one decode (`--batch on`).
+(on 2 CPU cores little can be gained), with the slots taking turns (`--batch off`), with
+their rows in one decode (`--batch on`), and as `--batch auto` (the default) decides by the
+machine's measured decode costs, round by round (server.Engine).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main() -> None:
     index = server.vector_index(model, args.model)
     state = {}
 
-    def start(batch: bool) -> server.Engine:
+    def start(batch: bool | str) -> server.Engine:
         engine = server.Engine(model, slots=4, queue=16, n_ctx=n_ctx, batch=batch)
         app = server.make_app(server.Service(model, args.model, engine, index))
         with socket.socket() as s:
@@ -120,6 +121,11 @@ def main() -> None:
     batched = {k: clients(k) for k in (1, 2, 4)}
     widest = engine.widest
     stop(engine)
+    engine = start(batch="auto")  # the default: together where the measured costs say it pays
+    request(0)
+    auto = {k: clients(k) for k in (1, 2, 4)}
+    mode = engine.mode
+    stop(engine)
     print(f"model {args.model}, {args.requests} requests x {args.tokens} tokens per client, greedy, steered, "
           f"{args.rounds} rounds, {cpu_name()}")
     print("  per round (generate, 1 client): " + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in pairs))
@@ -130,6 +136,9 @@ def main() -> None:
     for k, v in batched.items():
         print(f"  {k} client{'s' if k > 1 else ' '}    {v:6.1f} tok/s   {v / one:.2f} x one client (--batch on: "
               f"the rows in one decode; widest {widest})")
+    for k, v in auto.items():
+        print(f"  {k} client{'s' if k > 1 else ' '}    {v:6.1f} tok/s   {v / one:.2f} x one client (--batch auto, "
+              f"the default: {mode}){f'; 1 client {v / plain:.2f} x generate' if k == 1 else ''}")
 
 
 if __name__ == "__main__":

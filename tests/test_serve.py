@@ -312,6 +312,32 @@ def test_batched_rows_each_with_its_own_vector_equal_alone(smol):
         s.close()
 
 
+@pytest.mark.skipif(api.backend_devices() and any(n.startswith(("CUDA", "Metal", "MTL")) for n, _ in api.backend_devices()),
+                    reason="llama.cpp's GPU kernels are not batch invariant: a row of several may differ from a lone row")
+def test_auto_batches_only_as_many_rows_as_pay(smol, monkeypatch):
+    """`--batch auto`: on a machine where 2 rows cost more than 2 one-row decodes and 3 rows
+    less than 3 (as measured on the AMD EPYC hosts), 2 concurrent requests are decoded a row at
+    a time and 3 together; each reply is what it is alone."""
+    from localsteer import calibrate
+    costs = calibrate.Costs(one=1.0, rows={2: 2.4, 3: 2.7}, joint=2.5)
+    monkeypatch.setattr(calibrate, "costs", lambda *a, **k: costs)
+    s = Running(smol, slots=3, batch="auto")
+    try:
+        assert s.engine.batched and s.engine.mode == "batched from 3 requests on, measured"
+        specs = ["happy-sad:4", "happy-sad:-4", None]
+        alone = [generate(smol, [x] if x else [], max_tokens=32).text for x in specs]
+        for n in (2, 3):
+            s.engine.widest = 0
+            jobs = [{"vectors": [x] if x else None} for x in specs[:n]]
+            with ThreadPoolExecutor(n) as pool:
+                got = list(pool.map(lambda st: chat(s, st, max_tokens=32).choices[0].message.content, jobs))
+            assert got == alone[:n]
+            assert s.engine.widest == (1 if n == 2 else 3)
+        assert httpx.get(s.url + "/health", timeout=10).json()["batching"] == s.engine.mode
+    finally:
+        s.close()
+
+
 def test_a_stop_string_ends_the_reply_before_it(smol, srv):
     """Greedy SmolLM2 answers "I'm so glad you're enjoying ...": the stops are cut from it."""
     want = generate(smol, [], max_tokens=24).text
