@@ -431,10 +431,13 @@ class Engine:
     `batch`: the requests steered by vectors alone (no rejection, DIRECTER or adapters) live in
     one context shared by the slots, each row with its own vector (`RowsSteer`); with True their
     next tokens go into one `llama_decode` together; the others keep their own contexts and take
-    turns. "auto" (with 2 slots or more): together when the machine's measured decode costs say
-    a decode of that many rows costs less than as many one-row decodes (`calibrate.Costs.batch_wins`:
-    on a GPU nearly always; on the AMD EPYC hosts 4 rows but not 2), else the same rows one after
-    the other. False: no shared context."""
+    turns. "auto" (with 2 slots or more): a request joins the shared context when the requests
+    running or starting with it are as many as the machine's measured decode costs say a batch pays for (a
+    decode of that many rows costs less than as many one-row decodes, `calibrate.Costs.batch_wins`:
+    on a GPU 2 already; on the AMD EPYC hosts 3 or 4 but not 2), else it runs in its own context;
+    a round of the shared context whose rows have become too few decodes them one by one. A lone
+    request thus keeps llama.cpp's own control vector (the callback and the shared cache cost a
+    lone row about 17% on a CPU). False: no shared context."""
 
     def __init__(self, model: Model, slots: int = 1, queue: int = 8, n_ctx: int = 4096, n_threads: int | None = None,
                  batch: bool | str = "auto"):
@@ -511,11 +514,15 @@ class Engine:
                 for s in self._slots:
                     if s.job is None and self._queue:
                         starting.append((s, self._queue.popleft()))
+            # "auto": into the shared context only when as many requests at once pay for a batch;
+            # a lone request keeps llama.cpp's own control vector in its own context
+            together = self.busy_slots + len(starting)
+            shared = self._shared if self._costs is None or self._costs.batch_wins(together) else None
             for s, job in starting:
                 if job.cancelled.is_set():
                     continue
                 try:
-                    s.start(job, self._fingerprint, self._shared, self._rows)
+                    s.start(job, self._fingerprint, shared, self._rows)
                 except Exception as e:  # noqa: BLE001 - a request never takes the server down
                     self._fail(s, job, e)
             for s in self._slots:

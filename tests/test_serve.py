@@ -315,27 +315,39 @@ def test_batched_rows_each_with_its_own_vector_equal_alone(smol):
 @pytest.mark.skipif(api.backend_devices() and any(n.startswith(("CUDA", "Metal", "MTL")) for n, _ in api.backend_devices()),
                     reason="llama.cpp's GPU kernels are not batch invariant: a row of several may differ from a lone row")
 def test_auto_batches_only_as_many_rows_as_pay(smol, monkeypatch):
-    """`--batch auto`: on a machine where 2 rows cost more than 2 one-row decodes and 3 rows
-    less than 3 (as measured on the AMD EPYC hosts), 2 concurrent requests are decoded a row at
-    a time and 3 together; each reply is what it is alone."""
+    """`--batch auto` on a machine where 2 rows cost more than 2 one-row decodes and 3 rows less
+    than 3 (as measured on the AMD EPYC hosts): 2 requests arriving together run in their own
+    contexts, 3 share one decode; each reply is what it is alone."""
     from localsteer import calibrate
     costs = calibrate.Costs(one=1.0, rows={2: 2.4, 3: 2.7}, joint=2.5)
     monkeypatch.setattr(calibrate, "costs", lambda *a, **k: costs)
-    s = Running(smol, slots=3, batch="auto")
+    engine = server.Engine(smol, slots=3, queue=4, n_ctx=512, n_threads=1, batch="auto")
     try:
-        assert s.engine.batched and s.engine.mode == "batched from 3 requests on, measured"
+        assert engine.batched and engine.mode == "batched from 3 requests on, measured"
+        index = server.vector_index(smol, "smollm2-135m-instruct")
         specs = ["happy-sad:4", "happy-sad:-4", None]
-        alone = [generate(smol, [x] if x else [], max_tokens=32).text for x in specs]
+        alone = [generate(smol, [x] if x else [], max_tokens=24).text for x in specs]
         for n in (2, 3):
-            s.engine.widest = 0
-            jobs = [{"vectors": [x] if x else None} for x in specs[:n]]
-            with ThreadPoolExecutor(n) as pool:
-                got = list(pool.map(lambda st: chat(s, st, max_tokens=32).choices[0].message.content, jobs))
-            assert got == alone[:n]
-            assert s.engine.widest == (1 if n == 2 else 3)
-        assert httpx.get(s.url + "/health", timeout=10).json()["batching"] == s.engine.mode
+            engine.widest, ends, done = 0, {}, threading.Semaphore(0)
+
+            def emit(i):
+                def on(kind, payload):
+                    if kind != "token":
+                        ends[i] = (kind, payload)
+                        done.release()
+                return on
+
+            with engine._wake:  # the engine takes them in one round
+                for i, x in enumerate(specs[:n]):
+                    body = {"max_tokens": 24, "temperature": 0, "steering": {"vectors": [x] if x else None}}
+                    plan = server.plan(smol, body, api.chat_prompt(smol, ASK), index, server.Defaults(), 512)
+                    engine.submit(server.Job(plan, emit(i), streamed=False))
+            for _ in range(n):
+                assert done.acquire(timeout=60)
+            assert [ends[i][1]["text"] for i in range(n)] == alone[:n]
+            assert engine.widest == (0 if n == 2 else 3)
     finally:
-        s.close()
+        engine.close()
 
 
 def test_a_stop_string_ends_the_reply_before_it(smol, srv):

@@ -24,7 +24,8 @@ from .base import (layers_option, loras_option, main, model_option, reject_topk_
               help="Context size of each slot (prompt and reply).")
 @click.option("--batch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Decode the requests steered by vectors alone in one batch, each row with its own vector "
-                   "(auto: on a GPU; on a CPU several rows cost about as much as one after the other).")
+                   "(auto: when as many requests at once make a batch cheaper than their rows one by one, "
+                   "by the machine's measured decode costs).")
 @click.option("--api-key", default=None, envvar="LOCALSTEER_API_KEY",
               help="Require `Authorization: Bearer KEY` (also $LOCALSTEER_API_KEY).")
 @vectors_option("Default steering for requests without a `steering` field; repeat to compose. The vectors "
