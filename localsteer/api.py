@@ -462,7 +462,7 @@ def serve(model: Model, model_name: str, host: str = "127.0.0.1", port: int = 80
     try:
         app = server.make_app(server.Service(model, model_name, engine, index, defaults, api_key))
         log(f"localsteer serve: {model_name}, {slots} slot(s) of {n_ctx} tokens "
-            f"({'batched' if engine.batched else 'taking turns'}), {len(index)} vectors; "
+            f"({engine.mode}), {len(index)} vectors; "
             f"http://{host}:{port}/v1 (ctrl-c stops)")
         uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning")
     finally:
@@ -565,6 +565,7 @@ def refusal_direction(model: Model, dataset_dir: str | os.PathLike, out: str | o
     """Select the refusal direction and write the interventions into `out` (refusal.build);
     returns {kind: file}. Every output is checked before the work (`check_output`)."""
     from . import refusal as rf
+    rf.check_applies(model)
     sets = rf.load_sets(dataset_dir)
     out = Path(out)
     for f in rf.FILES.values():
@@ -634,10 +635,13 @@ def train_kts(model: str, vector: str, out: str | os.PathLike, prompt_files: Seq
     scale = v.suggested_scale if scale is None else scale
     if v.suggested_layers:
         v = v.only_layers(v.suggested_layers)
+    config = kts.KtsConfig(rank=rank, steps=steps, batch=batch, lr=lr)
+    log(f"plain replies to {len(prompts)} benign prompts…")
+    texts, reference = kts.benign_sequences(lm, prompts, config.reply_tokens)
     arch, model_path, name = lm.arch, lm.path, lm.info.name
     lm.close()  # transformers loads its own copy
-    return kts.train(model_path, arch, v * scale, prompts, out, kts.KtsConfig(rank=rank, steps=steps, batch=batch, lr=lr),
-                     force=force, log=log, meta={"vector": path.name, "vector_scale": scale, "model": name})
+    return kts.train(model_path, arch, v * scale, texts, out, config, force=force, log=log,
+                     meta={"vector": path.name, "vector_scale": scale, "model": name}, reference=reference)
 
 
 # --- environment --------------------------------------------------------------------------------

@@ -6,13 +6,19 @@ Training only. It needs the `train` extra (PyTorch on the CPU and transformers, 
 GGUF model and dequantizes it); the runtime never imports torch, and this module imports it only
 inside its functions.
 
-- Model: transformers' GGUF loader, float32. The vector is added to the output of each of its
-  layers by a forward hook, as llama.cpp adds a control vector to `l_out-<il>`.
-- Adapter: rank-r LoRA (`W x + B A x`, B starts at zero) on the value, attention-output and FFN
-  (gate, up, down) projections of the layers from the vector's first layer on. Query and key are
-  left alone: llama.cpp's converter permutes their rows for some architectures.
-- Data: chat-templated benign prompts with the plain model's greedy reply; loss: KL(plain ‖
-  steered + LoRA) of the next-token distributions over every position, Adam.
+- Model: transformers' GGUF loader, float32. It must read the file as llama.cpp does: a file whose
+  weights transformers leaves out or reshapes (a llama file with experts, which it reads as a dense
+  Llama; sizes it takes from its defaults), or whose next-token distributions differ from
+  llama.cpp's, is refused (`load_hf`, `check_agreement`). The vector is added to the output of
+  each of its layers by a forward hook, as llama.cpp adds a control vector to `l_out-<il>`.
+- Adapter: rank-r LoRA (`W x + B A x`, B starts at zero) on the linear layers of `MODULES` a layer
+  has (value, attention output, FFN gate, up and down; Phi-3's fused gate-up; a shared expert's),
+  from the vector's first layer on. Query and key are left alone (llama.cpp's converter permutes
+  their rows for some architectures), and so are fused QKV and an MoE's experts (3-D parameters
+  in transformers, not linear layers).
+- Data: benign prompts in the model's chat template as llama.cpp applies it at run time, with
+  llama.cpp's plain greedy reply (`benign_sequences`); loss: KL(plain ‖ steered + LoRA) of the
+  next-token distributions over every position, Adam.
 - Export: a GGUF LoRA in llama.cpp's layout (see refusal/lora.py): `blk.N.attn_v.weight.lora_a` (r, n_in)
   and `.lora_b` (n_out, r), float16, alpha = r so the adapter's scale is the LoRA's.
 """
@@ -30,12 +36,21 @@ import numpy as np
 
 from .errors import LocalsteerError
 from .fileio import add_gguf_value, check_output, write_gguf
+from .runtime import Model
 from .vector import ControlVector, format_layers
 
-# transformers' module name -> llama.cpp's tensor name
+# transformers' module (in a decoder layer) -> llama.cpp's tensor name; a layer gets a LoRA on each of
+# these it has as a linear layer. Phi-3's fused gate and up projection is llama.cpp's ffn_up.
 MODULES = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+           "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+           "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+           "mlp.shared_expert.down_proj": "ffn_down_shexp"}
 KEY = "localsteer."
+# transformers' next-token distributions must match llama.cpp's: KL(llama.cpp || transformers),
+# averaged over the check prompts. Models it reads right measured 0.0005-0.017 (quantized in
+# llama.cpp, dequantized to float32 in transformers: SmolLM2 Q4_1, Qwen2.5-0.5B Q4_K_M,
+# Gemma-3-270m Q4_K_M, the tiny test models).
+AGREEMENT_KL = 0.1
 
 
 class TrainingExtraMissing(LocalsteerError):
@@ -73,18 +88,86 @@ def _torch():
 
 
 def load_hf(model_path: str | os.PathLike):
-    """transformers model (float32, eval mode) and tokenizer read from a GGUF file."""
+    """The transformers model (float32, eval mode) read from a GGUF file; a `LocalsteerError` when
+    transformers cannot read it, or reads it without some of its weights or with other shapes (it
+    then initialises them at random: another model than llama.cpp's)."""
     _torch()
+    import re
+
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from transformers.utils import logging as hf_logging
 
     path = Path(model_path)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would repeat, in a table, what is checked below
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
+    except (ValueError, RuntimeError, KeyError, NotImplementedError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise LocalsteerError(f"transformers cannot read {path.name}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    left_out = sorted({re.sub(r"\.\d+\.", ".N.", k) for k in
+                       [*info.get("missing_keys", ()), *(m[0] if isinstance(m, tuple) else m
+                                                         for m in info.get("mismatched_keys", ()))]})
+    if left_out:
+        raise LocalsteerError(f"transformers reads {path.name} without {', '.join(left_out[:3])}"
+                              f"{' and more' if len(left_out) > 3 else ''} (it does not read this file's layout, e.g. "
+                              "a llama file with experts): it would train another model than llama.cpp runs")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, tok
+    return model
+
+
+def benign_sequences(model: Model, prompts: Sequence[str], reply_tokens: int = 16, n_reference: int = 4
+                     ) -> tuple[list[list[int]], list[tuple[list[int], np.ndarray]]]:
+    """Each prompt in the model's chat template (as llama.cpp applies it when steering; a model
+    without one reads the prompt as plain text) followed by llama.cpp's plain greedy reply (up to
+    `reply_tokens`, with the end-of-turn token if it came); and, for the first `n_reference`
+    prompts, the prompt's tokens with llama.cpp's next-token logits after it (`check_agreement`)."""
+    sequences: list[list[int]] = []
+    reference: list[tuple[list[int], np.ndarray]] = []
+    with model.context(n_ctx=4096) as ctx:
+        for p in prompts:
+            toks = model.tokenize(model.apply_chat_template([{"role": "user", "content": p}]))
+            ctx.clear()
+            ctx.decode_sequence(toks, 0)
+            if len(reference) < n_reference:
+                reference.append((toks, ctx.logits()))
+            reply: list[int] = []
+            while True:
+                tok = int(np.argmax(ctx.logits()))
+                reply.append(tok)
+                if model.is_eog(tok) or len(reply) == reply_tokens:
+                    break
+                ctx.decode([tok], [len(toks) + len(reply) - 1], [0], [True])
+            sequences.append(toks + reply)
+    return sequences, reference
+
+
+def check_agreement(model, prompts: Sequence[Sequence[int]], reference: Sequence[np.ndarray], name: str) -> float:
+    """KL(llama.cpp || transformers) of the next-token distributions after `prompts` (token ids;
+    `reference`: llama.cpp's logits there), averaged; a `LocalsteerError` above AGREEMENT_KL."""
+    import torch
+
+    kls = []
+    with torch.no_grad():
+        for toks, ref in zip(prompts, reference):
+            hf = torch.log_softmax(model(input_ids=torch.tensor([list(toks)])).logits[0, -1].double(), -1)
+            lp = torch.log_softmax(torch.tensor(ref, dtype=torch.float64), -1)
+            if hf.shape != lp.shape:
+                raise LocalsteerError(f"transformers reads {name} with {hf.shape[0]} tokens, llama.cpp with {lp.shape[0]}")
+            kls.append(float((lp.exp() * (lp - hf)).sum()))
+    kl = float(np.mean(kls))
+    if not kl <= AGREEMENT_KL:
+        raise LocalsteerError(f"transformers computes another model than llama.cpp from {name} (KL {kl:.3f} between "
+                              f"their next-token distributions, more than {AGREEMENT_KL:g}): it does not read this "
+                              "architecture's file as llama.cpp does")
+    return kl
 
 
 class _Lora:
@@ -124,21 +207,37 @@ class _Steer:
         return hook
 
 
-def train(model_path: str | os.PathLike, arch: str, vector: ControlVector, prompts: Sequence[str],
+def _linear(torch, block, name: str):
+    try:
+        mod = block.get_submodule(name)
+    except AttributeError:
+        return None
+    return mod if isinstance(mod, torch.nn.Linear) else None
+
+
+def train(model_path: str | os.PathLike, arch: str, vector: ControlVector, texts: Sequence[Sequence[int]],
           out: str | os.PathLike, config: KtsConfig = KtsConfig(), force: bool = False,
-          log: Callable[[str], None] = print, meta: dict | None = None) -> KtsResult:
+          log: Callable[[str], None] = print, meta: dict | None = None,
+          reference: Sequence[tuple[Sequence[int], np.ndarray]] = ()) -> KtsResult:
     """Train the adapter for `vector` (already scaled and limited to its layers) on the benign
-    `prompts` (user messages) and write it to `out`."""
+    `texts` (token ids: templated prompt and plain reply, `benign_sequences`) and write it to
+    `out`. `reference`: (prompt tokens, llama.cpp's next-token logits) that transformers must
+    match (`check_agreement`)."""
     torch = _torch()
     out = Path(out)
     check_output(out, force)
     if not vector.layers:
         raise LocalsteerError("the vector is zero on every layer")
+    if not texts:
+        raise LocalsteerError("no benign prompts to train on")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
     log("loading the model into transformers (dequantized)…")
-    model, tok = load_hf(model_path)
+    model = load_hf(model_path)
+    if reference:
+        kl = check_agreement(model, [toks for toks, _ in reference], [lg for _, lg in reference], Path(model_path).name)
+        log(f"transformers reads it as llama.cpp does (KL {kl:.4f} on {len(reference)} prompts)")
     blocks = model.model.layers
     if vector.n_embd != model.config.hidden_size or len(blocks) != vector.n_layer:
         raise LocalsteerError(f"the vector ({vector.n_layer} x {vector.n_embd}) does not fit the model "
@@ -147,7 +246,12 @@ def train(model_path: str | os.PathLike, arch: str, vector: ControlVector, promp
     loras: dict[str, _Lora] = {}
     for il in lora_layers:
         for mod, name in MODULES.items():
-            loras[f"blk.{il}.{name}"] = _Lora(torch, blocks[il].get_submodule(mod), config.rank, gen)
+            linear = _linear(torch, blocks[il], mod)
+            if linear is not None:
+                loras[f"blk.{il}.{name}"] = _Lora(torch, linear, config.rank, gen)
+    if not loras:
+        raise LocalsteerError(f"no layer of this {arch} model has the projections the adapter trains "
+                              f"({', '.join(MODULES)})")
     steer = _Steer(torch, blocks, vector)
 
     def switch(on: bool) -> None:
@@ -155,17 +259,7 @@ def train(model_path: str | os.PathLike, arch: str, vector: ControlVector, promp
         for lo in loras.values():
             lo.on = on
 
-    # data: each prompt with the plain model's greedy reply
-    log(f"plain replies to {len(prompts)} benign prompts…")
-    texts = []
-    for p in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            full = model.generate(ids, max_new_tokens=config.reply_tokens, do_sample=False,
-                                  pad_token_id=tok.eos_token_id)
-        texts.append(full[0].tolist())
-
+    texts = [list(t) for t in texts]
     params = [p for lo in loras.values() for p in (lo.a, lo.b)]
     opt = torch.optim.Adam(params, lr=config.lr)
     rng = np.random.default_rng(config.seed)
@@ -173,8 +267,7 @@ def train(model_path: str | os.PathLike, arch: str, vector: ControlVector, promp
 
     def batch_kl(batch: list[list[int]], with_lora: bool) -> "torch.Tensor":
         n = max(len(t) for t in batch)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([t + [pad] * (n - len(t)) for t in batch])
+        ids = torch.tensor([t + [0] * (n - len(t)) for t in batch])  # padding: masked out
         mask = torch.tensor([[1] * len(t) + [0] * (n - len(t)) for t in batch])
         switch(False)
         with torch.no_grad():
@@ -206,7 +299,7 @@ def train(model_path: str | os.PathLike, arch: str, vector: ControlVector, promp
         tensors[f"{name}.weight.lora_b"] = lo.b.detach().numpy().astype(np.float16)
     result.seconds = time.perf_counter() - t0
     info = {"method": "kl-then-steer", "rank": config.rank, "lora_layers": format_layers(lora_layers),
-            "steps": config.steps, "lr": config.lr, "n_prompts": len(prompts),
+            "steps": config.steps, "lr": config.lr, "n_prompts": len(texts),
             "vector_layers": format_layers(vector.layers), "start_kl": result.start_kl,
             "final_kl": float(np.mean(result.losses[-10:])), **(meta or {})}
 

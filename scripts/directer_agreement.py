@@ -23,7 +23,7 @@ from test_directer_faithful import agreement  # noqa: E402
 def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-coder-0.5b-instruct"
     model = api.load_model(name)
-    hf, _ = load_hf(models.resolve(name))
+    hf = load_hf(models.resolve(name))
     for kv_f32 in (False, True):
         plain, directer = agreement(model, hf, kv_f32=kv_f32)
         print(f"{name}, KV cache {'float32' if kv_f32 else 'float16'}: identical tokens, llama.cpp vs PyTorch: "

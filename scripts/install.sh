@@ -52,6 +52,7 @@ torch=()
 .venv/bin/localsteer models pull smollm2-135m-instruct
 if [ "$with_tests" = 1 ]; then
   .venv/bin/localsteer models pull qwen2.5-coder-0.5b-instruct
+  .venv/bin/localsteer models pull gemma-3-270m  # a base model of another architecture (tests/test_architectures.py)
   PYTHON="$vpy" bash scripts/build_llama_cpp.sh
 fi
 echo "install: done. Try: .venv/bin/localsteer doctor"

@@ -39,6 +39,12 @@ def qwen05(qwen05_path):
     m.close()
 
 
+@pytest.fixture(scope="session")
+def gemma270_path():
+    """The real Gemma-3-270m base model (gemma3, no chat template): tests/test_architectures.py."""
+    return _model_path("gemma-3-270m")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     """Keep each phase's report on the test item (tests/test_faults.py reads which tests ran)."""

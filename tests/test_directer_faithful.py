@@ -167,7 +167,7 @@ def test_llama_cpp_directer_makes_the_reference_choices(smol_path, tmp_path):
     from localsteer.runtime import Model
 
     f32 = write_f32(smol_path, tmp_path / "smol-f32.gguf")
-    hf, _ = load_hf(f32)
+    hf = load_hf(f32)
     with Model(f32) as model:
         plain_share, directer_share = agreement(model, hf)
     print(f"identical tokens, llama.cpp vs PyTorch: plain {plain_share:.1%}, DIRECTER {directer_share:.1%}")

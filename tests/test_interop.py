@@ -30,7 +30,7 @@ def llama_completion(model: Path, prompt: str, n: int, *extra: str) -> str:
     proc = subprocess.run(
         [str(tool("llama-completion")), "-m", str(model), "-p", prompt, "-n", str(n), "--temp", "0",
          "-s", "1", "-no-cnv", "--no-warmup", "--simple-io", "--no-display-prompt", "-lv", "0",
-         "-t", "2", *extra], capture_output=True, text=True, timeout=300)
+         "-t", "2", *extra], capture_output=True, text=True, errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     # llama-completion ends its output with " [end of text]\n" when it met EOS, then "\n\n"

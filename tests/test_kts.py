@@ -35,8 +35,9 @@ def test_short_kts_run_lowers_benign_kl_on_held_out_prompts(smol, smol_path, tmp
 
     v = ControlVector.load(ROOT / "vectors" / "smollm2-135m-instruct" / "happy-sad.gguf")
     v = v.only_layers(v.suggested_layers) * 2.0
-    out = kts.train(smol_path, smol.arch, v, BENIGN["train"][:8], tmp_path / "kts.gguf",
-                    kts.KtsConfig(steps=12, batch=4, lr=3e-3), log=lambda m: None)
+    texts, reference = kts.benign_sequences(smol, BENIGN["train"][:8])
+    out = kts.train(smol_path, smol.arch, v, texts, tmp_path / "kts.gguf",
+                    kts.KtsConfig(steps=12, batch=4, lr=3e-3), log=lambda m: None, reference=reference)
     assert out.losses[-1] < out.start_kl / 2
     # held-out prompts: the test split was never seen in training
     steered, with_kts = kl_without_and_with(smol, v, BENIGN["test"][:6], out.path, 12)
@@ -57,3 +58,24 @@ def test_kts_cli_without_torch_or_with_bad_input_is_one_line(tmp_path):
                            "-o", str(tmp_path / "a.gguf")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "not found" in proc.stderr or "needs PyTorch" in proc.stderr
+
+
+@pytest.mark.nomodel
+def test_a_model_transformers_reads_otherwise_is_refused():
+    torch = pytest.importorskip("torch", reason="the training extra")
+    import numpy as np
+
+    from localsteer import kts
+    from localsteer.errors import LocalsteerError
+
+    class Reads:  # a stand-in for a transformers model: fixed next-token logits
+        def __init__(self, logits):
+            self.logits = torch.tensor([[logits]], dtype=torch.float32)
+
+        def __call__(self, input_ids):
+            return self
+
+    ref = np.array([4.0, 1.0, 0.0, -2.0], dtype=np.float32)
+    assert kts.check_agreement(Reads(ref + 0.01), [[1, 2]], [ref], "m.gguf") < 1e-3
+    with pytest.raises(LocalsteerError, match="another model than llama.cpp"):
+        kts.check_agreement(Reads(ref[::-1].copy()), [[1, 2]], [ref], "m.gguf")

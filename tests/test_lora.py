@@ -90,6 +90,46 @@ def test_post_norm_architectures_are_refused(tmp_path):
         residual_writers(path)
 
 
+@pytest.mark.nomodel
+def test_each_expert_gets_the_same_edit():
+    w = synthetic()
+    w.matrices["blk.0.ffn_down_exps.weight"] = RNG.normal(size=(3, 16, 24)).astype(np.float32)  # (E, n_out, n_in)
+    dirs = RNG.normal(size=(2, 16))
+    q = orthonormal(dirs)
+    t = adapter_tensors(w, dirs)
+    a, b = t["blk.0.ffn_down_exps.weight.lora_a"], t["blk.0.ffn_down_exps.weight.lora_b"]
+    assert a.shape == (3, 2, 24) and b.shape == (3, 16, 2)  # ggml [n_in, k, E] and [k, n_out, E]
+    for e, mat in enumerate(w.matrices["blk.0.ffn_down_exps.weight"]):
+        np.testing.assert_allclose(mat + b[e] @ a[e], mat - q @ (q.T @ mat), atol=1e-4)
+
+
+def _gguf(path, arch: str, tensors: dict, n_layer: int = 1):
+    import gguf
+    wr = gguf.GGUFWriter(str(path), arch)
+    wr.add_block_count(n_layer)
+    for name, arr in tensors.items():
+        wr.add_tensor(name, arr)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path
+
+
+@pytest.mark.nomodel
+def test_what_the_ablation_cannot_edit_is_refused(tmp_path):
+    m = np.zeros((8, 8), np.float32)
+    layer = {"token_embd.weight": np.zeros((4, 8), np.float32), "blk.0.attn_output.weight": m,
+             "blk.0.ffn_down.weight": m}
+    residual_writers(_gguf(tmp_path / "ok.gguf", "llama", layer))
+    with pytest.raises(ModelError, match="post-norm"):  # by its tensors, whatever the architecture's name
+        residual_writers(_gguf(tmp_path / "p.gguf", "newarch", {**layer, "blk.0.post_ffw_norm.weight": m[0]}))
+    with pytest.raises(ModelError, match=r"bias to the residual stream \(blk.0.attn_output.bias\)"):
+        residual_writers(_gguf(tmp_path / "b.gguf", "llama", {**layer, "blk.0.attn_output.bias": m[0]}))
+    with pytest.raises(ModelError, match="layer 1 of this llama model writes"):
+        residual_writers(_gguf(tmp_path / "l.gguf", "llama", layer, n_layer=2))
+
+
 @pytest.fixture(scope="module")
 def qwen_weights(qwen05_path):
     return residual_writers(qwen05_path)

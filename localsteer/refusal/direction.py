@@ -30,7 +30,7 @@ import numpy as np
 
 from ..activations import Progress, collect
 from ..dataset import load_split_prompts
-from ..errors import DatasetError
+from ..errors import DatasetError, ModelError
 from ..fileio import write_text
 from ..linear import inlp
 from .lora import Weights, write_adapter
@@ -341,6 +341,24 @@ FILES = {"addition": "refusal-add.gguf", "ablation": "refusal-ablate.gguf", "inl
 CACHE = "candidates.json"  # the candidate scores (CandidateCache), beside the outputs
 
 
+def check_applies(model: Model) -> None:
+    """A one-line `ModelError` naming every reason known before the weights are read why the
+    refusal direction cannot be selected and ablated in `model`: no chat template (a base model: the
+    direction is read at the template's tokens after the user message, and such a model has no
+    refusal to find), post-norm layers (`lora.POST_NORM_ARCHS`). What only the tensors tell (a bias
+    on the stream, another layout) `lora.residual_writers` refuses."""
+    from .lora import POST_NORM_ARCHS, post_norm_reason
+
+    reasons = []
+    if model.chat_template() is None:
+        reasons.append("it has no chat template (a base model): the direction is read at the template's tokens "
+                       "after the user message, in a model tuned to refuse")
+    if model.arch in POST_NORM_ARCHS:
+        reasons.append(post_norm_reason(model.arch))
+    if reasons:
+        raise ModelError(f"refusal direction does not apply to {model.info.name}: " + "; and ".join(reasons))
+
+
 def build(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, model_sha256: str = "",
           force: bool = False, inlp_rounds: int = 8, seed: int = 0, kl_max: float = 0.1,
           log: Callable[[str], None] = lambda s: None, progress: Progress | None = None) -> Selection:
@@ -351,6 +369,7 @@ def build(model: Model, sets: RefusalSets, out_dir: str | os.PathLike, model_sha
     from .lora import residual_writers
     from ..vector import ControlVector
 
+    check_applies(model)
     out = Path(out_dir)
     for f in FILES.values():
         check_output(out / f, force)

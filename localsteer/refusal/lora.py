@@ -15,11 +15,19 @@ for a weight `NAME` of ggml shape [n_in, n_out]: `NAME.lora_a` [n_in, k] and `NA
 for the token embedding ([n_embd, n_vocab], read by row) A and B are flipped: `lora_a` [k, n_vocab],
 `lora_b` [k, n_embd]. The effective scale is `scale · alpha / k`, so alpha = k makes it `scale`.
 
+Mixture-of-experts models write into the stream through every expert's down projection, a 3-D tensor
+`ffn_down_exps` (ggml [n_ff, n_embd, n_expert]); each expert gets the same edit, `lora_a` [n_in, k,
+n_expert] and `lora_b` [k, n_embd, n_expert], which llama.cpp applies per selected expert
+(`build_lora_mm_id`). The router's weights are scalars per expert, so the mixture of ablated experts
+is the ablated mixture. A shared expert (`ffn_down_shexp`) is one more 2-D writer.
+
 Architectures that normalise a block's output before it joins the stream (Gemma 2/3's post-norms)
 cannot be edited this way: the norm sits between W and the residual stream, so `W - Q Qᵀ W` does not
-remove Q from what is added. Those are refused. A model whose output projection is the token
-embedding (tied weights, no `output.weight`) keeps its embedding: llama.cpp would apply the
-embedding's adapter to the output projection too. Both are recorded in the adapter's metadata.
+remove Q from what is added. Nor can a bias on a writer (a constant a LoRA cannot edit), nor a layer
+whose writers are not the ones named above. Those are refused (`ablation_blocker`). A model whose
+output projection is the token embedding (tied weights, no `output.weight`) keeps its embedding:
+llama.cpp would apply the embedding's adapter to the output projection too. That is recorded in the
+adapter's metadata.
 """
 
 from __future__ import annotations
@@ -36,14 +44,44 @@ from ..fileio import add_gguf_value, check_output, write_gguf
 from ..errors import ModelError, VectorError
 
 POST_NORM_ARCHS = ("gemma2", "gemma3", "gemma3n", "olmo2", "cohere2")
-_TARGET = re.compile(r"^(token_embd|blk\.\d+\.attn_output|blk\.\d+\.ffn_down)\.weight$")
+_WRITERS = r"(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)"
+_TARGET = re.compile(rf"^(token_embd|blk\.\d+\.{_WRITERS})\.weight$")
+_WRITER_BIAS = re.compile(rf"^blk\.\d+\.{_WRITERS}\.bias$")
+_POST_NORM = re.compile(r"^blk\.\d+\.(post_attention_norm|post_ffw_norm|attn_post_norm|ffn_post_norm)\.weight$")
 KEY = "localsteer."
+
+
+def post_norm_reason(arch: str) -> str:
+    return (f"{arch} normalises each block's output before it joins the residual stream (post-norm layers): "
+            "a weight edit cannot remove a direction there")
+
+
+def ablation_blocker(reader) -> str | None:
+    """Why a weight edit cannot ablate a direction in this model (a `gguf.GGUFReader` on it), or
+    None: post-norm layers, a bias on a residual writer, or a layer without the writers edited."""
+    field = reader.get_field("general.architecture")
+    arch = field.contents() if field is not None else "this"
+    names = {t.name for t in reader.tensors}
+    if arch in POST_NORM_ARCHS or any(_POST_NORM.match(n) for n in names):
+        return post_norm_reason(arch)
+    biases = sorted(n for n in names if _WRITER_BIAS.match(n))
+    if biases:
+        return (f"{arch} adds a bias to the residual stream ({biases[0]}): a LoRA adapter cannot remove a direction "
+                "from a constant")
+    count = reader.get_field(f"{arch}.block_count")
+    for il in range(int(count.contents()) if count is not None else 0):
+        has_ffn = any(f"blk.{il}.{w}.weight" in names for w in ("ffn_down", "ffn_down_exps"))
+        if f"blk.{il}.attn_output.weight" not in names or not has_ffn:
+            return (f"layer {il} of this {arch} model writes into the residual stream through other weights than "
+                    "attn_output and ffn_down (or ffn_down_exps), the ones the ablation edits")
+    return None
 
 
 @dataclass
 class Weights:
     """The dequantized matrices that write into the residual stream, float32, numpy shape
-    (n_out, n_in) (the token embedding: (n_vocab, n_embd)), read once per model file."""
+    (n_out, n_in) (the token embedding: (n_vocab, n_embd); a layer's experts: (n_expert, n_out,
+    n_in)), read once per model file."""
 
     arch: str
     n_embd: int
@@ -53,7 +91,8 @@ class Weights:
 
 def residual_writers(model_path: str | os.PathLike,
                      progress: Callable[[int, int], None] | None = None) -> Weights:
-    """Dequantize the token embedding, attention output and FFN down weights of a GGUF model."""
+    """Dequantize the token embedding, attention output and FFN down weights (experts' too) of a
+    GGUF model; a `ModelError` where the ablation does not apply (`ablation_blocker`)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -63,9 +102,9 @@ def residual_writers(model_path: str | os.PathLike,
         raise ModelError(f"cannot read {model_path} as GGUF: {e}") from None
     field = reader.get_field("general.architecture")
     arch = field.contents() if field is not None else ""
-    if arch in POST_NORM_ARCHS:
-        raise ModelError(f"{arch} normalises each block's output before the residual stream (post-norm); "
-                         "a weight edit cannot ablate a direction there")
+    blocker = ablation_blocker(reader)
+    if blocker:
+        raise ModelError(blocker)
     names = {t.name for t in reader.tensors}
     tensors = [t for t in reader.tensors if _TARGET.match(t.name)]
     out: dict[str, np.ndarray] = {}
@@ -109,6 +148,9 @@ def adapter_tensors(weights: Weights, directions: np.ndarray, coef: float = 1.0)
                 continue
             out[f"{name}.lora_a"] = np.ascontiguousarray(w @ q)  # (n_vocab, k) = ggml [k, n_vocab]
             out[f"{name}.lora_b"] = np.ascontiguousarray(b)
+        elif w.ndim == 3:  # experts (n_expert, n_out, n_in): the same edit on each
+            out[f"{base}.weight.lora_a"] = np.ascontiguousarray(q.T @ w)  # (E, k, n_in) = ggml [n_in, k, E]
+            out[f"{base}.weight.lora_b"] = np.ascontiguousarray(np.broadcast_to(b, (w.shape[0], *b.shape)))
         else:
             out[f"{base}.weight.lora_a"] = np.ascontiguousarray(q.T @ w)  # (k, n_in) = ggml [n_in, k]
             out[f"{base}.weight.lora_b"] = np.ascontiguousarray(b)  # (n_out, k) = ggml [k, n_out]
