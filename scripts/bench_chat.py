@@ -1,8 +1,10 @@
 """The chat's speed against `generate`'s, same model, steering, rejection and prompt, in one run:
 the chat (tui.app.ChatApp, headless through Textual's test driver, so it lays out and renders
 every frame as on a terminal, only the bytes are not written) writes a greedy reply; its tok/s is
-the reply loop's own figure, the one the status bar shows. `generate` is `api.generate` with the
-same settings. Goal: the chat within 10% of generate (ratio >= 0.90).
+the reply loop's own figure, the one the status bar shows. `generate` is `localsteer generate
+--json` with the same settings, run in a process of its own: in one process, a second thread
+that decodes slows both (docs/methods.md, "One decoding thread"). Goal: the chat within 10% of
+generate (ratio >= 0.90).
 
     .venv/bin/python scripts/bench_chat.py [--model smollm2-135m-instruct]
         [--vector vectors/smollm2-135m-instruct/happy-sad.gguf:2] [--reject-topk 20] [--tokens 256]
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from localsteer import api, models  # noqa: E402
+from localsteer import api  # noqa: E402
 from localsteer.errors import LocalsteerError  # noqa: E402
 from tui.app import ChatApp  # noqa: E402
 from tui.options import ChatOptions  # noqa: E402
@@ -61,15 +65,13 @@ def main() -> None:
     greedy = api.sampling_config(temperature=0)
     options = ChatOptions(model=args.model, vectors=(args.vector,), reject_topk=args.reject_topk,
                           max_tokens=args.tokens, sampling=greedy)
-    model = api.load_model(str(models.resolve(args.model)))
-    steering = api.steering_from_specs(model, [args.vector])
-    rejection = api.rejection_config(args.reject_topk)
-    gen = []
-    for _ in range(args.repeats):
-        run = api.generate(model, PROMPT, steering, greedy, max_tokens=args.tokens, rejection=rejection)
-        gen.append(run.tokens_per_second)
-    model.close()
     chat = asyncio.run(chat_speeds(options, args.repeats))
+    gen = []
+    for _ in range(args.repeats):  # `localsteer generate` itself, in a process of its own
+        out = subprocess.run([str(ROOT / ".venv" / "bin" / "localsteer"), "generate", "-m", args.model, "-v", args.vector,
+                              "--reject-topk", str(args.reject_topk), "--temp", "0", "-n", str(args.tokens), "--json",
+                              PROMPT], capture_output=True, text=True, check=True).stdout
+        gen.append(json.loads(out)["tokens_per_second"])
     g, c = statistics.median(gen), statistics.median(chat)
     print(f"{args.model}, {Path(args.vector.rsplit(':', 1)[0]).name}, reject top-{args.reject_topk}, "
           f"{args.tokens} tokens greedy, median of {args.repeats}")

@@ -36,7 +36,7 @@ from .widgets.token_details import TokenDetails
 from .widgets.transcript import Transcript
 
 
-FRAME = 1 / 20  # seconds between two redraws of a reply being written
+FRAME = 1 / 10  # seconds between two redraws of a reply being written
 
 
 class ChatApp(App[None]):

@@ -33,6 +33,8 @@ class ReplyView(Widget):
     def __init__(self, turn: Turn, **kwargs):
         super().__init__(**kwargs)
         self.turn = turn
+        self._styles: dict = {}
+        self._parts: list = []  # each event's (status, (text, style)), None for the end token
 
     def update(self) -> None:
         """The turn got new tokens or finished."""
@@ -41,15 +43,23 @@ class ReplyView(Widget):
     def render(self) -> Content:
         turn = self.turn
         styles = {s: self.get_visual_style(f"reply--{s}") for s in STATUSES}
-        cursor = self.get_visual_style("reply--cursor")
-        parts: list = []
-        for ev in turn.events:
-            if ev.index == turn.eog_index:
+        if styles != self._styles:  # the theme changed: style every token again
+            self._styles, self._parts = styles, []
+        # each token's style is kept while its status stays: a long reply is not restyled at every frame
+        del self._parts[len(turn.events):]
+        for i, ev in enumerate(turn.events):
+            if i < len(self._parts) and self._parts[i][0] == ev.status:
                 continue
             style = styles.get(ev.status, styles["steered"]) + Style.from_meta({"token": ev.index})
-            if ev.index == self.cursor:
-                style += cursor
-            parts.append((ev.text, style))
+            part = (ev.status, None if ev.index == turn.eog_index else (ev.text, style))
+            if i < len(self._parts):
+                self._parts[i] = part
+            else:
+                self._parts.append(part)
+        parts: list = []
+        for i, (_, part) in enumerate(self._parts):
+            if part is not None:
+                parts.append(part if i != self.cursor else (part[0], part[1] + self.get_visual_style("reply--cursor")))
         if not turn.done:
             parts.append("▌")
         elif turn.stats and turn.stats.stopped:
