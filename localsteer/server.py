@@ -446,8 +446,12 @@ class Engine:
         self._slots = [_Slot(model, n_ctx, n_threads, i) for i in range(slots)]
         self.batched = slots > 1 if batch == "auto" else bool(batch)
         # "auto": whether k rows go into one decode is decided by the measured decode costs
-        auto = batch == "auto" and self.batched
-        self._costs = calibrate.costs(model, n_threads, widths=range(2, slots + 1)) if auto else None
+        # "auto": measured on the engine thread (the one thread that decodes: a second thread
+        # decoding in the process slows both, docs/methods.md "One decoding thread")
+        self._auto = batch == "auto" and self.batched
+        self._costs: calibrate.Costs | None = None
+        self._n_threads = n_threads
+        self._ready = threading.Event()
         self._rows = RowsSteer() if self.batched else None
         self.widest = 0  # the most rows one batched decode has had (for tests and /health)
         self._shared = (model.context(n_ctx=slots * n_ctx, n_batch=max(512, slots), n_seq_max=slots,
@@ -460,13 +464,20 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="localsteer-engine", daemon=True)
         self._thread.start()
 
+    def _together(self, n: int) -> bool:
+        """Whether `n` rows go into one decode."""
+        return not self._auto or (self._costs is not None and self._costs.batch_wins(n))
+
     @property
     def mode(self) -> str:
         """How the requests steered by vectors alone are decoded, in words."""
         if not self.batched:
             return "taking turns"
-        if self._costs is None:
+        if not self._auto:
             return "batched"
+        self._ready.wait(60)
+        if self._costs is None:
+            return "one row a decode (the measurement failed)"
         n = next((k for k in range(2, len(self._slots) + 1) if self._costs.batch_wins(k)), None)
         return (f"batched from {n} requests on, measured" if n is not None else
                 "one row a decode, measured: a batch costs more than its rows one by one here")
@@ -498,6 +509,12 @@ class Engine:
             self._shared.close()
 
     def _run(self) -> None:
+        try:
+            if self._auto:
+                self._costs = calibrate.costs(self.model, self._n_threads, widths=range(2, len(self._slots) + 1))
+        except Exception:  # noqa: BLE001 - unmeasured, every row is decoded alone; the engine runs on
+            self._costs = None
+        self._ready.set()
         while True:
             with self._wake:
                 while not self._closing and not self._queue and all(s.job is None for s in self._slots):
@@ -517,7 +534,7 @@ class Engine:
             # "auto": into the shared context only when as many requests at once pay for a batch;
             # a lone request keeps llama.cpp's own control vector in its own context
             together = self.busy_slots + len(starting)
-            shared = self._shared if self._costs is None or self._costs.batch_wins(together) else None
+            shared = self._shared if self._together(together) else None
             for s, job in starting:
                 if job.cancelled.is_set():
                     continue
@@ -558,7 +575,7 @@ class Engine:
                 going.append((s, ev.token))
         if not going:
             return
-        together = self._costs is None or self._costs.batch_wins(len(going))
+        together = self._together(len(going))
         self.widest = max(self.widest, len(going) if together else 1)
         try:
             for part in ([going] if together else [[g] for g in going]):

@@ -34,7 +34,7 @@ RECOVERY = ("reset", "hold", "gradual")
 SCHEDULES = ("halve", "one")
 FOLDS = ("none", "case", "recase")
 LOOPS = ("auto", "drafted", "joint")
-PRIOR_TOKENS = 16  # the weight, in tokens, of the replies before the last in `Steerer.passed`
+PRIOR_TOKENS = 4  # the weight, in tokens, of the replies before the last in `Steerer.passed`
 
 @dataclass(frozen=True)
 class Rejection:
