@@ -13,7 +13,7 @@ from urllib.parse import unquote
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-README_MAX_LINES = 285  # 250 before the architecture table (issue 23) joined it
+README_MAX_LINES = 300  # 250 before the architecture table (issue 23) and the rejection targets (issue 22)
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # not docs/results/
 
 pytestmark = pytest.mark.nomodel
