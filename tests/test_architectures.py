@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_models
+from test_directer import key_scaled_rows
 from test_interop import llama_completion, localsteer_generate
 from tiny_models import TINY
 
@@ -212,19 +213,7 @@ def test_directer_scales_the_keys_of_every_layer(name, tiny):
     seen: set[int] = set()
     on_tensor = scale.on_tensor
     scale.on_tensor = lambda tensor, il: (seen.add(il), on_tensor(tensor, il))[1]
-    with m.context(n_ctx=256, n_seq_max=2, capture=scale, flash_attn=False) as ctx:
-        def rows(alpha):
-            ctx.clear()
-            scale.set([], [], 1.0, [])
-            ctx.decode_sequence(toks[:-1], 0, seq_id=0)
-            ctx.share(0, 1)
-            scale.set(range(m.n_layer), range(start, end), alpha, rows=[1])
-            n = len(toks) - 1
-            ctx.decode([toks[-1]] * 2, [n, n], [0, 1], [True, True])
-            return ctx.logits(0), ctx.logits(1)
-
-        plain1, steered1 = rows(1.0)
-        plain100, steered100 = rows(100.0)
+    (plain1, steered1), (plain100, steered100) = key_scaled_rows(m, toks, start, end, (1.0, 100.0), scale)
     assert seen == set(range(m.n_layer))  # every layer's attention scores (kq-<il>) went through it
     np.testing.assert_array_equal(plain1, steered1)  # alpha 1: no steering
     np.testing.assert_array_equal(plain1, plain100)  # the plain row never sees it

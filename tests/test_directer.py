@@ -38,23 +38,28 @@ def test_the_span_is_the_instructions_tokens(smol):
             Directer(**bad)
 
 
-def test_key_scaling_touches_only_the_steered_row(smol):
-    full, toks = templated(smol, PROMPT)
-    start, end = find_span(smol, toks, full, FRENCH)
-    scale = KeyScale()
-    with smol.context(n_ctx=256, n_seq_max=2, capture=scale, flash_attn=False) as ctx:
-        def both(alpha):
+def key_scaled_rows(model, toks, start, end, alphas, scale=None):
+    """For each alpha, the (plain, steered) logits of the last token in one two-row decode, the
+    steered row's keys at positions start..end-1 scaled by alpha on every layer."""
+    scale = scale or KeyScale()
+    out = []
+    with model.context(n_ctx=256, n_seq_max=2, capture=scale, flash_attn=False) as ctx:
+        for alpha in alphas:
             ctx.clear()
             scale.set([], [], 1.0, [])
             ctx.decode_sequence(toks[:-1], 0, seq_id=0)
             ctx.share(0, 1)
-            scale.set(range(smol.n_layer), range(start, end), alpha, rows=[1])
+            scale.set(range(model.n_layer), range(start, end), alpha, rows=[1])
             n = len(toks) - 1
             ctx.decode([toks[-1]] * 2, [n, n], [0, 1], [True, True])
-            return ctx.logits(0), ctx.logits(1)
+            out.append((ctx.logits(0), ctx.logits(1)))
+    return out
 
-        plain1, steered1 = both(1.0)
-        plain100, steered100 = both(100.0)
+
+def test_key_scaling_touches_only_the_steered_row(smol):
+    full, toks = templated(smol, PROMPT)
+    start, end = find_span(smol, toks, full, FRENCH)
+    (plain1, steered1), (plain100, steered100) = key_scaled_rows(smol, toks, start, end, (1.0, 100.0))
     np.testing.assert_array_equal(plain1, steered1)  # alpha 1 is no steering
     np.testing.assert_array_equal(plain1, plain100)  # the plain row never sees the scaling
     assert np.abs(steered100 - plain100).max() > 1.0
