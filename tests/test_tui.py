@@ -474,6 +474,26 @@ def test_typed_pairs():
         parse_typed_pairs("a | b\njust one side")
 
 
+def test_every_reply_decodes_on_one_model_thread(smol):
+    """Replies asked for from different worker threads all decode on the session's one model
+    thread (llama.cpp slows down once two threads of a process have decoded)."""
+    session = Session(smol, n_threads=1)
+    seen = []
+    choice = mix.PLAIN
+
+    def ask():
+        session.reply([{"role": "user", "content": "Hi"}], choice, 4, api.sampling_config(temperature=0),
+                      cancelled=lambda: False, on_token=lambda *a: seen.append(threading.current_thread()),
+                      on_applied=lambda *a: None)
+
+    callers = [threading.Thread(target=ask) for _ in range(2)]
+    for t in callers:
+        t.start()
+        t.join(60)
+    session._model_thread.shutdown()
+    assert seen and len(set(seen)) == 1 and seen[0] not in callers and seen[0] is not threading.main_thread()
+
+
 def test_extraction_waits_for_the_model(smol):
     """A second job queues behind the one using the model (and can be cancelled meanwhile)."""
     session = Session(smol, n_threads=1)
