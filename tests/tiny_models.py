@@ -75,6 +75,22 @@ TINY: dict[str, Tiny] = {t.name: t for t in (
          n_expert=4, n_expert_used=2),
 )}
 
+# Stand-ins: random weights in the shape of a shipped model (its layer count, widths, heads and
+# vocabulary), for timing decode shapes where the real file cannot be taken (a machine with no model
+# hub; scripts/bench_shapes.py). Their speed is the real model's up to the weights' quantization
+# (Q8_0 here; the shipped files mix Q4/Q5/Q6/Q8); never used by the tests.
+SHAPES: dict[str, Tiny] = {t.name: t for t in (
+    Tiny("like-smollm2-135m", "llama", "SmolLM2-135M's shape", "smollm2-135m-instruct", n_layer=30, n_embd=576,
+         n_head=9, n_head_kv=3, head_dim=64, n_ff=1536),
+    Tiny("like-qwen2.5-0.5b", "qwen2", "Qwen2.5-0.5B's shape", "qwen2.5-coder-0.5b-instruct", n_layer=24,
+         n_embd=896, n_head=14, n_head_kv=2, head_dim=64, n_ff=4864, tied=False, qkv_bias=True),
+)}
+
+
+def spec_of(name: str) -> Tiny:
+    return TINY[name] if name in TINY else SHAPES[name]
+
+
 RMS_EPS = 1e-6
 # logits have a spread of a few units (std ~ 0.5 x sqrt(n_embd)): greedy choices are not near-ties
 EMBED_STD = 0.5
@@ -93,7 +109,7 @@ def _digest(spec: Tiny) -> str:
 
 
 def path_for(name: str) -> Path:
-    return cache_dir() / f"tiny-{name}-{_digest(TINY[name])}.gguf"
+    return cache_dir() / f"tiny-{name}-{_digest(spec_of(name))}.gguf"
 
 
 def ensure(name: str) -> Path:
@@ -212,14 +228,14 @@ def token_embedding(name: str, n_vocab: int) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    emb = tensors(TINY[name], n_vocab)["token_embd.weight"]
+    emb = tensors(spec_of(name), n_vocab)["token_embd.weight"]
     data, qtype = _quantized("token_embd.weight", emb)
     return emb if qtype is None else dequantize(data, GGMLQuantizationType.Q8_0)
 
 
 def make(name: str, dest: str | os.PathLike) -> Path:
     """Write the tiny model `name` (a key of TINY) to `dest`, whole (a temporary file, renamed)."""
-    spec = TINY[name]
+    spec = spec_of(name)
     tok = _donor_tokenizer(spec.donor)
     n_vocab = len(tok["tokenizer.ggml.tokens"])
     weights = tensors(spec, n_vocab)
