@@ -381,7 +381,7 @@ def generate_directer(model: Model, prompt: str, instruction: str | None = None,
                       settings: Directer = Directer(), sampling: Sampling = Sampling(), max_tokens: int = 128,
                       raw: bool = False, system: str | None = None, n_threads: int | None = None,
                       stream: Callable[[str], None] | None = None, n_ctx: int = 4096,
-                      steering: Steering | None = None) -> RunResult:
+                      steering: Steering | None = None, loop: str = "auto") -> RunResult:
     """A reply steered by DIRECTER (localsteer/directer.py): `instruction` is appended to the
     prompt and amplified there, or `mark` names a span of the prompt to amplify (one of them).
     With `steering` (control vectors), the steered pass adds them too, and each steered token
@@ -401,7 +401,7 @@ def generate_directer(model: Model, prompt: str, instruction: str | None = None,
     vector = steering.vector if steering is not None else None
     steerer = InstructionSteerer(model, span, settings, n_ctx=n_ctx, n_threads=n_threads,
                                  vector=None if vector is None else vector.directions,
-                                 vector_layers=steering.layers if vector is not None else ())
+                                 vector_layers=steering.layers if vector is not None else (), loop=loop)
 
     def on_token(ev: TokenEvent, end: bool, seconds: float) -> None:
         if stream and not end:

@@ -11,7 +11,11 @@ Rejection evaluates a steered and a plain row per token, in one of two loops (st
 Per token, joint costs `joint` (a two-row decode with the callback), drafted about `one` plus
 `rows[draft]` / draft. On the Intel hosts a second row costs 0.22 of a first and joint wins; on
 the AMD EPYC ones two rows cost 1.6-2.5 x one and drafted wins; on GPUs rows are nearly free.
-The measurement takes about a second on a 0.5B model.
+
+DIRECTER (directer.py) evaluates a plain and a key-scaled row per token, without flash attention:
+"split" decodes the plain row first and the steered one only where the skip test fails
+(`keys_plain` + `keys_one`), "joint" both in one decode (`keys_two`): `directer_joint_wins`.
+The measurement takes about two seconds on a 0.5B model.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import numpy as np
 
 from .fileio import write_text
 from .models import home, quick_fingerprint
-from .runtime import Model, RowSteer, backend_devices, default_threads
+from .runtime import KeyScale, Model, RowSteer, backend_devices, default_threads
 
-VERSION = 1
+VERSION = 2  # 2: the DIRECTER shapes
 NOISY = 2.0  # the median of a shape's decodes over its fastest, beyond which the numbers are not kept
 N_DECODES = 12  # per shape, after one warm-up; the fastest counts (other work on the cores only slows a decode)
 
@@ -37,13 +41,19 @@ N_DECODES = 12  # per shape, after one warm-up; the fastest counts (other work o
 @dataclass(frozen=True)
 class Costs:
     """Seconds per decode: `one` row; `rows[k]`, k plain rows; `joint`, two rows with the
-    steered one's vector added by the eval callback. `draft`: the drafted loop's batch."""
+    steered one's vector added by the eval callback. `draft`: the drafted loop's batch. Without
+    flash attention, as DIRECTER runs: `keys_plain`, one plain row; `keys_one`, one row with the
+    instruction's keys scaled in every layer (`runtime.KeyScale`); `keys_two`, a plain and a
+    key-scaled row in one decode (0: not measured)."""
 
     one: float
     rows: dict[int, float]
     joint: float
     draft: int = 3
     noisy: bool = False  # the decodes' times spread widely: other work on the cores (not cached)
+    keys_plain: float = 0.0
+    keys_one: float = 0.0
+    keys_two: float = 0.0
 
     @property
     def joint_per_token(self) -> float:
@@ -74,12 +84,28 @@ class Costs:
         """Whether the joint loop is the faster one at this share of steered tokens passing."""
         return self.joint_per_token < self.drafted_per_token(acceptance)
 
+    def directer_joint_wins(self, skipped: float = 0.0) -> bool:
+        """Whether DIRECTER's token is cheaper as one decode of its plain and steered rows than
+        as the plain row alone followed, where the skip test fails (a share `1 - skipped` of the
+        tokens), by the steered row."""
+        s = min(1.0, max(0.0, skipped))
+        return self.keys_two < self.keys_plain + (1 - s) * self.keys_one
+
+    def directer_joint_below(self) -> float:
+        """The share of skipped tokens below which `directer_joint_wins` (0: never, 1: always)."""
+        if self.keys_one <= 0:
+            return 0.0
+        return min(1.0, max(0.0, 1 - (self.keys_two - self.keys_plain) / self.keys_one))
+
     def describe(self) -> str:
         low = next((a / 20 for a in range(20, -1, -1) if self.joint_wins(a / 20)), None)
         return (f"a decode of 2 rows costs {self.rows[2] / self.one:.2f} x one; per token: joint "
                 f"{1000 * self.joint_per_token:.1f} ms, drafted {1000 * self.drafted_per_token():.1f} ms -> "
                 f"{'joint' if self.joint_wins() else 'drafted'}"
                 + ("" if self.joint_wins() or low is None else f" (joint when at most {low:.0%} of tokens pass)")
+                + (f"; DIRECTER: both rows in one decode cost {self.keys_two / self.keys_plain:.2f} x a plain row, "
+                   f"a key-scaled row alone {self.keys_one / self.keys_plain:.2f} x -> joint while under "
+                   f"{self.directer_joint_below():.0%} of the tokens are skipped, else split" if self.keys_plain > 0 else "")
                 + (" (noisy: other work on the cores; measured again next time)" if self.noisy else ""))
 
 
@@ -113,7 +139,15 @@ def measure(model: Model, n_threads: int | None = None, draft: int = 3, widths: 
         rows.rows = [0]
         rows.set(directions, range(model.n_layer // 4, 3 * model.n_layer // 4))
         joint = _fastest_decode(ctx, prompt, 2, spread)
-    return Costs(costs[1], {k: v for k, v in costs.items() if k > 1}, joint, draft, noisy=max(spread) > NOISY)
+    keys = KeyScale()
+    with model.context(n_ctx=(len(prompt) + N_DECODES + 8) * 2, n_seq_max=2, n_threads=n_threads, capture=keys,
+                       flash_attn=False) as ctx:
+        keys_plain = _fastest_decode(ctx, prompt, 1, spread)
+        keys.set(range(model.n_layer), range(1, 9), 100.0, [0])
+        keys_one = _fastest_decode(ctx, prompt, 1, spread)
+        keys_two = _fastest_decode(ctx, prompt, 2, spread)
+    return Costs(costs[1], {k: v for k, v in costs.items() if k > 1}, joint, draft, noisy=max(spread) > NOISY,
+                 keys_plain=keys_plain, keys_one=keys_one, keys_two=keys_two)
 
 
 def _path(model: Model, n_threads: int) -> Path:
@@ -137,8 +171,10 @@ def costs(model: Model, n_threads: int | None = None, fresh: bool = False, width
             return _memo[path]
         try:
             data = json.loads(path.read_text())
-            c = Costs(data["one"], {int(k): v for k, v in data["rows"].items()}, data["joint"], data["draft"])
-            if not (c.one > 0 and c.joint > 0 and c.draft in c.rows and 2 in c.rows):
+            c = Costs(data["one"], {int(k): v for k, v in data["rows"].items()}, data["joint"], data["draft"],
+                      keys_plain=data["keys_plain"], keys_one=data["keys_one"], keys_two=data["keys_two"])
+            if not (c.one > 0 and c.joint > 0 and c.draft in c.rows and 2 in c.rows
+                    and min(c.keys_plain, c.keys_one, c.keys_two) > 0):
                 raise ValueError(path)
             if not widths <= {1, *c.rows}:
                 raise KeyError(widths)  # measured again, with the widths asked for

@@ -4,11 +4,14 @@ steered token only where the plain model finds it plausible. No vector, no datas
 
 How it runs here. One context holds two sequences over one KV cache: 0 is the plain reply, 1 the
 steered view of it, sharing every cell of sequence 0 (`Context.share`), so the steered pass
-attends to the plain history as the method asks. Greedy: each token is first decoded on sequence
-0 (the plain logits); unless the skip test passes, it is then decoded on sequence 1, where
-`runtime.KeyScale` multiplies the attention scores against the instruction's cells by alpha in
-the active layers: the same as multiplying the instruction's keys by alpha (values untouched) for
-that row only. Sampled (no skip test): both rows in one decode of two. The steered row's own
+attends to the plain history as the method asks. On sequence 1 `runtime.KeyScale` multiplies the
+attention scores against the instruction's cells by alpha in the active layers: the same as
+multiplying the instruction's keys by alpha (values untouched) for that row only. Each token is
+decoded in one of two ways (`loop`): "split", the plain row first and, unless the skip test
+passes (greedy only), the steered row after it; "joint", both rows in one decode of two. "auto"
+takes the cheaper on this machine at the share of tokens the last replies skipped
+(`calibrate.Costs.directer_joint_wins`: where a second row costs little, as on GPUs and the
+Intel hosts, joint; where it costs about as much as the first, split). The steered row's own
 cache entry is then dropped and sequence 1 shares sequence 0's (the generated tokens' KV come
 from the plain pass). A rejected token is evaluated again on sequence 1 alone with fewer layers.
 
@@ -20,7 +23,9 @@ p x the plain maximum; after `trials` trials, or below one layer, the plain mode
 Sampling: the steered distribution of each trial is sampled (seeded by position and trial), the
 sampled token takes the same test, and the skip test is not used (it is exact for greedy only).
 The sensitivity ranking is computed once per reply, at the first token that needs a second
-trial: each layer alone, KL(plain || steered) of that token's distribution, most disturbed first.
+trial: each layer alone, KL(plain || steered) of that token's distribution, most disturbed first;
+the layers are evaluated in one decode of a row per layer where the machine's calibration finds
+that cheaper than one decode each (on CPUs too: 24 rows cost far less than 24 decodes of one).
 
 With control vectors, the steered pass adds them too (on their layers within the trial's set);
 the plain pass never has them (`InstructionSteerer`).
@@ -36,9 +41,14 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import LocalsteerError
-from .runtime import Callbacks, KeyScale, Model, RowSteer
+from . import calibrate
+from .runtime import Callbacks, KeyScale, Model, RowsSteer
 from .sampling import Sampling, softmax
-from .steer import Status, TokenEvent
+from .steer import PRIOR_TOKENS, Status, TokenEvent
+
+LOOPS = ("auto", "split", "joint")
+RANKS = ("auto", "together", "one-by-one")  # how the sensitivity ranking evaluates the layers
+MAX_SEQ = 256  # llama.cpp's limit on sequences in a context (LLAMA_MAX_SEQ)
 
 
 class InstructionError(LocalsteerError):
@@ -62,6 +72,13 @@ class Directer:
             raise InstructionError(f"p must be in (0, 1], not {self.p}")
         if self.trials < 1:
             raise InstructionError(f"trials must be at least 1, not {self.trials}")
+
+
+def _only_top_passes(probs: np.ndarray, p: float) -> bool:
+    """The skip test: with plain top-2 probabilities x >= y, y < p x leaves only the plain top-1
+    able to pass (exact for greedy decoding)."""
+    top2 = np.partition(probs, -2)[-2:] if len(probs) > 1 else np.array([0.0, probs[0]])
+    return bool(top2[0] < p * top2[1])
 
 
 def find_span(model: Model, tokens: Sequence[int], text: str, instruction: str) -> tuple[int, int]:
@@ -98,27 +115,46 @@ class InstructionSteerer:
 
     With a control vector (`vector`: directions `(n_layer, n_embd)`, `vector_layers` its active
     layers) the steered pass is both: the instruction's keys amplified in the layer set of the
-    trial and the vector added (`runtime.RowSteer`, to the steered row only) on its layers within
+    trial and the vector added (`runtime.RowsSteer`, to the steered row only) on its layers within
     that set; the plain pass has neither. Weakening a token thus weakens both, and the sensitivity
-    ranking measures each layer with both."""
+    ranking measures each layer with both.
+
+    `loop`: how a token's two rows are decoded ("split", "joint" or "auto": see the module's
+    docstring); `rank`: the ranking's layers evaluated "together" in one decode of a row per
+    layer, "one-by-one", or "auto" (together where the calibration finds such a decode cheaper).
+    The choices are the same either way, up to the batch numerics of llama.cpp's kernels (a row
+    decoded beside others may get logits a little off a lone one's)."""
 
     def __init__(self, model: Model, span: tuple[int, int], settings: Directer = Directer(),
                  n_ctx: int = 4096, n_threads: int | None = None, top_n_events: int = 5, kv_f32: bool = False,
-                 vector: np.ndarray | None = None, vector_layers: Sequence[int] = ()):
+                 vector: np.ndarray | None = None, vector_layers: Sequence[int] = (), loop: str = "auto",
+                 rank: str = "auto"):
+        if loop not in LOOPS:
+            raise InstructionError(f"loop must be one of {', '.join(LOOPS)}, not {loop!r}")
+        if rank not in RANKS:
+            raise InstructionError(f"rank must be one of {', '.join(RANKS)}, not {rank!r}")
+        self.rank = rank
         self.model = model
         self.span = span
         self.settings = settings
         self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.loop = loop
+        # the share of steered tokens the skip test spared a steered pass, in the last greedy
+        # replies (the replies before the last weigh PRIOR_TOKENS tokens): "auto" weighs the loops at it
+        self.skipped = 0.0
         self.top_n_events = top_n_events
         self.layers = tuple(range(model.n_layer))
         self._scale = KeyScale()
-        self._vector = RowSteer()
+        self._vector = RowsSteer()
         self.amplify = True
         self.set_steering(True, vector, vector_layers)
         capture = Callbacks(self._scale, self._vector)
-        # the plain reply, and one cell more for the steered row of the token being decoded
-        self._ctx = model.context(n_ctx=n_ctx + 8, n_seq_max=2, n_threads=n_threads, capture=capture,
-                                  flash_attn=False, kv_f32=kv_f32)
+        # the plain reply, and a cell more per steered row of the token being decoded: one, or
+        # one per layer while the ranking evaluates every layer in one decode (sequences 2, 3, ...)
+        self._width = min(len(self.layers), MAX_SEQ - 2)  # rows of one ranking decode
+        self._ctx = model.context(n_ctx=n_ctx + self._width + 8, n_seq_max=self._width + 2, n_threads=n_threads,
+                                  capture=capture, flash_attn=False, kv_f32=kv_f32)
         self.ranking: tuple[int, ...] | None = None
 
     def close(self) -> None:
@@ -136,6 +172,13 @@ class InstructionSteerer:
     @property
     def steers(self) -> bool:
         return self.amplify or self._directions is not None
+
+    def joint(self, greedy: bool = True) -> bool:
+        """Whether a reply decodes each token's plain and steered rows in one decode (sampled
+        replies skip no token)."""
+        if self.loop == "auto":
+            return calibrate.costs(self.model, self.n_threads).directer_joint_wins(self.skipped if greedy else 0.0)
+        return self.loop == "joint"
 
     # --- the two passes ----------------------------------------------------------------------
 
@@ -170,22 +213,56 @@ class InstructionSteerer:
         """The next decode steers `rows` (of its batch) in `layers`: keys scaled, and the vector
         added where it is active (no rows: nothing steered)."""
         self._scale.set(layers if rows and self.amplify else (), range(*self.span), self.settings.alpha, rows)
-        self._vector.rows = rows
-        self._vector.set(self._directions, sorted(self._vector_layers.intersection(layers)) if rows else ())
+        vector = sorted(self._vector_layers.intersection(layers))
+        self._vector.set_rows([(self._directions, vector) if r in rows else (None, ())
+                               for r in range(max(rows, default=-1) + 1)])
+
+    def _steered_each(self, token: int, pos: int, sets: Sequence[Sequence[int]]) -> np.ndarray:
+        """`token` at `pos` evaluated steered once per layer set of `sets`, all in one decode (row
+        j on sequence 2 + j, which shares the plain history before `pos`); their logits
+        `(len(sets), n_vocab)`. The sequences are dropped afterwards."""
+        ctx, n = self._ctx, len(sets)
+        seqs = list(range(2, 2 + n))
+        for seq in seqs:
+            ctx.share(0, seq, 0, pos)
+        self._scale.set_rows([ls if self.amplify else () for ls in sets], range(*self.span), self.settings.alpha)
+        self._vector.set_rows([(self._directions, sorted(self._vector_layers.intersection(ls))) for ls in sets])
+        try:
+            ctx.decode([token] * n, [pos] * n, seqs, [True] * n)
+            return ctx.logits_rows(n)
+        finally:
+            for seq in seqs:
+                ctx.remove(seq, -1, -1)
 
     def _rejoin(self, pos: int) -> None:
         self._ctx.remove(1, pos, -1)  # the steered pass's own cache entry is dropped...
         self._ctx.share(0, 1, pos, pos + 1)  # ...and the plain one taken
 
+    def _rank_together(self) -> bool:
+        """Whether the ranking evaluates every layer in one decode of as many rows (where such a
+        decode costs less than as many one-row decodes: `calibrate.Costs.batch_wins`, measured)."""
+        if self.rank == "auto":
+            return calibrate.costs(self.model, self.n_threads, widths=[self._width]).batch_wins(self._width)
+        return self.rank == "together"
+
+    def layer_effects(self, token: int, pos: int, plain: np.ndarray) -> dict[int, float]:
+        """KL(plain || steered) of the next-token distribution with the instruction's keys scaled
+        (and the vector added) in each layer alone, for `token` at `pos` after the plain history."""
+        logp = plain - np.logaddexp.reduce(plain)
+        p = np.exp(logp)
+        if self._rank_together():
+            w = self._width
+            rows = np.concatenate([self._steered_each(token, pos, [[il] for il in self.layers[i:i + w]])
+                                   for i in range(0, len(self.layers), w)])
+        else:
+            rows = np.stack([self._steered(token, pos, [il]) for il in self.layers])
+        logq = rows - np.logaddexp.reduce(rows, axis=1, keepdims=True)
+        return {il: float(np.sum(p * (logp - logq[j]))) for j, il in enumerate(self.layers)}
+
     def _rank(self, token: int, pos: int, plain: np.ndarray) -> tuple[int, ...]:
         """Layers by how much scaling the instruction's keys in that layer alone moves the
         next-token distribution (KL(plain || steered)), most first."""
-        logp = plain - np.logaddexp.reduce(plain)
-        p = np.exp(logp)
-        kl = {}
-        for il in self.layers:
-            s = self._steered(token, pos, [il])
-            kl[il] = float(np.sum(p * (logp - (s - np.logaddexp.reduce(s)))))
+        kl = self.layer_effects(token, pos, plain)
         return tuple(sorted(self.layers, key=lambda il: (-kl[il], il)))
 
     # --- the loop ----------------------------------------------------------------------------
@@ -204,35 +281,40 @@ class InstructionSteerer:
         self.ranking = None
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         token, pos = prompt[-1], len(prompt) - 1
-        for step in range(max_tokens):
-            rounds, layers, s_prob = 0, (), None
-            if not self.steers:
-                plain, steered = self._plain(token, pos), None
-                probs = softmax(plain)
-                choice, status = sampling.choose(plain, step, 0), Status.UNSTEERED
-                ctx.share(0, 1, pos, pos + 1)
-            elif sampling.greedy:
-                # the plain pass first: where the skip test passes, no steered pass is needed
-                plain, steered = self._plain(token, pos), None
-                probs = softmax(plain)
-                top2 = np.partition(probs, -2)[-2:] if len(probs) > 1 else np.array([0.0, probs[0]])
-                if top2[0] < st.p * top2[1]:
-                    choice, status = int(np.argmax(plain)), Status.SKIPPED
+        joint = self.steers and self.joint(sampling.greedy)
+        n_steered = n_skipped = 0
+        try:
+            for step in range(max_tokens):
+                rounds, layers, s_prob = 0, (), None
+                if not self.steers:
+                    plain = self._plain(token, pos)
+                    probs = softmax(plain)
+                    choice, status = sampling.choose(plain, step, 0), Status.UNSTEERED
                     ctx.share(0, 1, pos, pos + 1)
                 else:
-                    steered = self._steered(token, pos, self.layers)
-            else:
-                plain, steered = self._both(token, pos)
-                probs = softmax(plain)
-            if steered is not None:
-                choice, status, rounds, layers, s_prob = self._trials(token, pos, plain, steered, probs,
-                                                                      sampling, step)
-            ev = TokenEvent(step, choice, utf8.decode(model.piece(choice)), status, rounds, layers,
-                            s_prob, float(probs[choice]), self._top(probs))
-            yield ev
-            if model.is_eog(choice) or step + 1 >= max_tokens:
-                return
-            token, pos = choice, pos + 1
+                    # split: the plain row first; where the skip test passes, no steered row is needed
+                    plain, steered = self._both(token, pos) if joint else (self._plain(token, pos), None)
+                    probs = softmax(plain)
+                    n_steered += 1
+                    if sampling.greedy and _only_top_passes(probs, st.p):
+                        choice, status = int(np.argmax(plain)), Status.SKIPPED
+                        n_skipped += 1
+                        if not joint:
+                            ctx.share(0, 1, pos, pos + 1)
+                    else:
+                        if steered is None:
+                            steered = self._steered(token, pos, self.layers)
+                        choice, status, rounds, layers, s_prob = self._trials(token, pos, plain, steered, probs,
+                                                                              sampling, step)
+                ev = TokenEvent(step, choice, utf8.decode(model.piece(choice)), status, rounds, layers,
+                                s_prob, float(probs[choice]), self._top(probs))
+                yield ev
+                if model.is_eog(choice) or step + 1 >= max_tokens:
+                    return
+                token, pos = choice, pos + 1
+        finally:
+            if n_steered and sampling.greedy:
+                self.skipped = (PRIOR_TOKENS * self.skipped + n_skipped) / (PRIOR_TOKENS + n_steered)
 
     def _trials(self, token: int, pos: int, plain: np.ndarray, steered: np.ndarray, probs: np.ndarray,
                 sampling: Sampling, step: int) -> tuple[int, Status, int, tuple[int, ...], float | None]:

@@ -78,7 +78,7 @@ def check(model: str = DEFAULT_MODEL) -> Report:
                           timeout=300)
     if proc.returncode == 0 and proc.stdout.strip().endswith("ok"):
         r.lines.append(("decode test", f"ok ({path.name})"))
-        r.lines.append(("rejection loop", _calibration(path)))
+        r.lines.append(("loops (auto)", _calibration(path)))
     else:
         r.ok = False
         how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
@@ -98,6 +98,6 @@ def _calibration(path) -> str:
     except LocalsteerError as e:
         return f"not measured: {e}"
     try:
-        return "auto = " + calibrate.costs(model, fresh=True).describe()
+        return "rejection: " + calibrate.costs(model, fresh=True).describe()
     finally:
         model.close()

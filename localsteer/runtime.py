@@ -276,6 +276,7 @@ class KeyScale(_EvalCallback):
         self.cells = np.zeros(0, dtype=np.int64)
         self.alpha = 1.0
         self._wanted: dict[bytes, int] = {}
+        self._row_layers: list[frozenset[int]] | None = None  # `set_rows`: each row its own layers
 
     def set(self, layers: Sequence[int], cells: Sequence[int], alpha: float, rows: Sequence[int]) -> None:
         """Scale `cells` by `alpha` for `rows` in `layers` from the next decode on (no layers: off)."""
@@ -283,6 +284,15 @@ class KeyScale(_EvalCallback):
         self.cells = np.asarray(cells, dtype=np.int64)
         self.alpha = float(alpha)
         self.rows = list(rows)
+        self._row_layers = None
+
+    def set_rows(self, layers: Sequence[Iterable[int]], cells: Sequence[int], alpha: float) -> None:
+        """Scale `cells` by `alpha` for each batch row r in the layers `layers[r]` (its own set)."""
+        self._row_layers = [frozenset(ls) for ls in layers]
+        self._wanted = {f"kq-{il}".encode(): il for il in frozenset().union(*self._row_layers)}
+        self.cells = np.asarray(cells, dtype=np.int64)
+        self.alpha = float(alpha)
+        self.rows = [r for r, ls in enumerate(self._row_layers) if ls]
 
     def wants(self, name: bytes) -> int | None:
         return self._wanted.get(name) if self.rows and len(self.cells) else None
@@ -292,7 +302,7 @@ class KeyScale(_EvalCallback):
         ne = [int(n) for n in head.ne]  # n_kv, rows, heads, streams
         scores = np.empty((ne[3], ne[2], ne[1], ne[0]), dtype=np.float32)
         _ggml_base.ggml_backend_tensor_get(tensor, scores.ctypes.data, 0, scores.nbytes)
-        rows = [r for r in self.rows if r < ne[1]]
+        rows = [r for r in self.rows if r < ne[1] and (self._row_layers is None or il in self._row_layers[r])]
         cells = self.cells[self.cells < ne[0]]
         block = scores[:, :, rows, :]
         block[..., cells] *= np.float32(self.alpha)

@@ -2,15 +2,18 @@
 
   plain      greedy decoding of the same model, one token per decode (flash attention off, as
              DIRECTER runs)
-  directer   DIRECTER on the instruction appended to each prompt (alpha 100, p 0.5, 10 trials), greedy
+  split      DIRECTER on the instruction appended to each prompt (alpha 100, p 0.5, 10 trials),
+             greedy: per token the plain row, then the steered row where the skip test fails
+  joint      the same with each token's plain and steered rows in one decode of two
+  auto       the loop the machine's calibration favours at the share of tokens skipped so far
 
     .venv/bin/python scripts/bench_directer.py [--model qwen2.5-coder-0.5b-instruct] [--tokens 96]
 
 tok/s is (n - 1) / (T(n) - T(1)) per prompt (T(k): wall time from the call to the k-th token),
 so prompt processing cancels out; the mean over the prompts. Beside the ratio it prints what
 bounds it: the share of tokens skipped (no steered pass needed), accepted at once, weakened and
-fallen back to plain, the steered passes per token, and the cost of a decode of two rows
-relative to one on this machine.
+fallen back to plain, the steered passes per token (of the split loop), the cost of a decode of
+two rows relative to one on this machine, and the calibration's verdict.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from localsteer import api  # noqa: E402
+from localsteer import api, calibrate  # noqa: E402
 from localsteer.directer import InstructionSteerer, find_span  # noqa: E402
 from localsteer.reply import run  # noqa: E402
 import numpy as np  # noqa: E402  (after localsteer, which loads llama.cpp first)
@@ -73,7 +76,11 @@ def main() -> None:
     except api.LocalsteerError as e:
         sys.exit(f"bench_directer: {e}")
     greedy = api.sampling_config(temperature=0)
-    plain_speed, directer_speed, counts, trials = [], [], {}, []
+    calibrate.costs(model)  # measured now (once per machine and model) rather than inside a timed reply
+    loops = ("split", "joint", "auto")
+    speed: dict[str, list[float]] = {"plain": [], **{loop: [] for loop in loops}}
+    counts, trials, took = {}, [], []
+    auto_skipped = 0.0  # auto's running share of skipped tokens, carried from prompt to prompt
     for prompt, instruction in PROMPTS:
         text = model.apply_chat_template([{"role": "user", "content": f"{prompt} {instruction}"}])
         tokens = model.tokenize(text)
@@ -88,36 +95,49 @@ def main() -> None:
                     ctx.decode([out[-1]], [len(tokens) + len(out) - 1], [0], [True])
             return out
 
-        steerer = InstructionSteerer(model, span, api.Directer())
+        speed["plain"].append(timed(plain, args.tokens))
+        for loop in loops:
+            steerer = InstructionSteerer(model, span, api.Directer(), loop=loop)
+            if loop == "auto":
+                steerer.skipped = auto_skipped  # the share the earlier prompts' replies skipped
 
-        def directer(k: int) -> list[int]:
-            reply = run(steerer, tokens, k, greedy)
-            if k > 1:
-                for e in reply.events:
-                    counts[e.status.value] = counts.get(e.status.value, 0) + 1
-                    trials.append(e.rounds + (e.status.value != "skipped"))
-            return reply.tokens
+            def directer(k: int) -> list[int]:
+                if loop == "auto" and k > 1:
+                    took.append("joint" if steerer.joint() else "split")
+                reply = run(steerer, tokens, k, greedy)
+                if k > 1 and loop == "split":
+                    for e in reply.events:
+                        counts[e.status.value] = counts.get(e.status.value, 0) + 1
+                        trials.append(e.rounds + (e.status.value != "skipped"))
+                return reply.tokens
 
-        try:
-            plain_speed.append(timed(plain, args.tokens))
-            directer_speed.append(timed(directer, args.tokens))
-        finally:
-            steerer.close()
-    p, d = float(np.mean(plain_speed)), float(np.mean(directer_speed))
+            try:
+                speed[loop].append(timed(directer, args.tokens))
+            finally:
+                steerer.close()
+            if loop == "auto":
+                auto_skipped = steerer.skipped
+    p = float(np.mean(speed["plain"]))
     n = sum(counts.values())
     cost = two_row_cost(model, model.tokenize(model.apply_chat_template([{"role": "user", "content": PROMPTS[0][0]}])))
+    c = calibrate.costs(model)
     print(f"model {args.model}, {len(PROMPTS)} prompts x {args.tokens} tokens greedy, "
           f"{api.backend_devices()[0][1] if api.backend_devices() else 'CPU'}")
     print(f"  plain     {p:6.1f} tok/s")
-    print(f"  directer  {d:6.1f} tok/s   {d / p:.2f} x plain")
+    for loop in loops:
+        d = float(np.mean(speed[loop]))
+        note = f"   (took: {', '.join(took)})" if loop == "auto" else ""
+        print(f"  {loop:9} {d:6.1f} tok/s   {d / p:.2f} x plain{note}")
     passes = float(np.mean(trials))
+    skipped = counts.get("skipped", 0) / n
     print("  tokens: " + ", ".join(f"{k} {v / n:.0%}" for k, v in sorted(counts.items()))
           + f"; steered passes per token {passes:.2f} (skipped: none; else one per trial)")
-    print(f"  greedy DIRECTER decodes the plain row, then the steered row only where the skip test fails: "
+    print(f"  split decodes the plain row, then the steered row only where the skip test fails: "
           f"{1 + passes:.2f} one-row decodes a token, a bound of {1 / (1 + passes):.2f} x plain if each costs "
           "one plain decode")
-    print(f"  a decode of 2 rows costs {cost:.2f} x one row here (the one-decode-of-two-rows design, kept for "
-          f"sampling, would be bound at {1 / cost:.2f} x plain)")
+    print(f"  joint decodes both rows in one: a decode of 2 rows costs {cost:.2f} x one row here, a bound of "
+          f"{1 / (cost + passes - (1 - skipped)):.2f} x plain with the same trials")
+    print(f"  calibration: {c.describe()}")
 
 
 if __name__ == "__main__":

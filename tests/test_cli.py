@@ -101,6 +101,7 @@ def test_doctor_reports_build_and_decodes():
     assert "llama-cpp-python: 0.3.36" in proc.stdout
     assert "decode test:      ok" in proc.stdout
     assert "backend:" in proc.stdout
+    assert "loops (auto):     rejection: a decode of 2 rows costs" in proc.stdout and "DIRECTER: both rows" in proc.stdout
 
 
 # --- bad input: one line, exit 1, nothing written ----------------------------------------------

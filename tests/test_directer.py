@@ -199,3 +199,104 @@ def test_directer_with_a_vector_end_to_end(smol):
     assert [e.steered_prob for e in out.events] != [e.steered_prob for e in alone.events]
     assert out.extra["vectors"] == [{"file": happy.parts[0][0], "scale": 4.0}]
     assert "DIRECTER x100" in out.steering and "4 x happy-sad.gguf" in out.steering
+
+
+def test_directer_loop_cost_model():
+    """Split pays a plain row for every token and a steered row for those the skip test does not
+    spare; joint, one decode of both rows. Where a second row costs little, joint; where it costs
+    about a first, split as soon as any token is skipped."""
+    from localsteer import calibrate
+
+    cheap = calibrate.Costs(one=1.0, rows={2: 1.2, 3: 1.4}, joint=1.3, keys_plain=1.0, keys_one=1.1, keys_two=1.3)
+    dear = calibrate.Costs(one=1.0, rows={2: 2.0, 3: 2.6}, joint=2.1, keys_plain=1.1, keys_one=1.2, keys_two=2.4)
+    assert cheap.directer_joint_wins(0.0) and cheap.directer_joint_wins(0.5) and not cheap.directer_joint_wins(0.9)
+    assert cheap.directer_joint_below() == pytest.approx(1 - 0.3 / 1.1)
+    assert not dear.directer_joint_wins(0.0) and dear.directer_joint_below() == 0.0
+    assert "DIRECTER" in cheap.describe() and "DIRECTER" not in calibrate.Costs(1.0, {2: 2.0, 3: 2.5}, 2.1).describe()
+
+
+@pytest.mark.parametrize("loop", ["split", "joint"])
+def test_both_loops_keep_the_method(smol, loop):
+    """Each loop's tokens pass the test their status claims; at alpha 1 every token is the plain
+    row's choice; joint decodes the plain and steered rows of every token in one decode (the
+    steered row computed even where the skip test spares it), split only where it is needed."""
+    settings = Directer()
+    out = api.generate_directer(smol, PROMPT, mark=FRENCH, settings=settings, sampling=GREEDY, max_tokens=32,
+                                loop=loop)
+    check_events(out.events, settings, greedy=True)
+    assert {Status.SKIPPED, Status.WEAKENED} <= {e.status for e in out.events}
+    one = api.generate_directer(smol, PROMPT, mark=FRENCH, settings=Directer(alpha=1.0), sampling=GREEDY,
+                                max_tokens=24, loop=loop)
+    assert all(e.token == e.plain_top[0][0] for e in one.events)
+    full, toks = templated(smol, PROMPT)
+    st = InstructionSteerer(smol, find_span(smol, toks, full, FRENCH), settings, loop=loop)
+    calls = {"both": 0, "plain": 0}
+    for name in calls:
+        method = getattr(st, f"_{name}")
+
+        def counted(*a, _m=method, _n=name):
+            calls[_n] += 1
+            return _m(*a)
+        setattr(st, f"_{name}", counted)
+    try:
+        evs = list(st.generate(toks, 16, GREEDY))
+    finally:
+        st.close()
+    assert calls == ({"both": len(evs), "plain": 0} if loop == "joint" else {"both": 0, "plain": len(evs)})
+    with pytest.raises(InstructionError, match="loop must be one of"):
+        InstructionSteerer(smol, (0, 1), settings, loop="fast")
+
+
+def test_auto_takes_the_loop_the_costs_favour_at_the_share_skipped(smol, monkeypatch):
+    """"auto" asks the calibration at the share of tokens the last greedy replies skipped: joint
+    while few are skipped, split once enough are (here: joint below 40%)."""
+    from localsteer import calibrate
+
+    c = calibrate.Costs(one=1.0, rows={2: 1.5, 3: 2.0, smol.n_layer: 9.0}, joint=1.6, keys_plain=1.0, keys_one=1.0,
+                        keys_two=1.6)
+    monkeypatch.setattr(calibrate, "costs", lambda *a, **k: c)
+    full, toks = templated(smol, PROMPT)
+    st = InstructionSteerer(smol, find_span(smol, toks, full, FRENCH), Directer())
+    try:
+        assert st.loop == "auto" and st.skipped == 0.0 and st.joint()
+        evs = list(st.generate(toks, 24, GREEDY))
+        share = sum(e.status == Status.SKIPPED for e in evs) / len(evs)
+        assert st.skipped == pytest.approx(len(evs) * share / (4 + len(evs)))
+        assert st.joint() == (st.skipped < 0.4)
+        assert st.joint(greedy=False)  # a sampled reply skips nothing
+        assert st._rank_together()  # a decode of a row per layer costs 9 rows' worth here
+    finally:
+        st.close()
+
+
+def test_the_ranking_evaluates_the_layers_together_or_one_by_one_alike(smol):
+    """The sensitivity ranking's layers in one decode of a row per layer (each row its own
+    sequence over the plain history, its keys scaled in its layer only) measure what one decode
+    per layer does, up to batch numerics: the same layers kept at the first weakening."""
+    full, toks = templated(smol, PROMPT)
+    span = find_span(smol, toks, full, FRENCH)
+    effects = {}
+    for rank in ("together", "one-by-one"):
+        st = InstructionSteerer(smol, span, Directer(), rank=rank, n_ctx=256)
+        try:
+            st._ctx.clear()
+            st._steer((), rows=[])
+            st._ctx.decode_sequence(toks[:-1], 0, seq_id=0)
+            st._ctx.share(0, 1)
+            plain = st._plain(toks[-1], len(toks) - 1)
+            effects[rank] = st.layer_effects(toks[-1], len(toks) - 1, plain)
+            import llama_cpp
+            assert all(llama_cpp.llama_memory_seq_pos_max(st._ctx._mem, seq) == -1 for seq in range(2, 2 + st._width))
+            st._ctx.remove(-1, len(toks) - 1, -1)
+            again = st._plain(toks[-1], len(toks) - 1)  # the extra sequences are gone: the plain row is as before
+            np.testing.assert_array_equal(plain, again)
+        finally:
+            st.close()
+    together, single = effects["together"], effects["one-by-one"]
+    assert list(together) == list(single) == list(range(smol.n_layer))
+    np.testing.assert_allclose(list(together.values()), list(single.values()), atol=0.02)
+    half = smol.n_layer // 2
+    assert set(sorted(together, key=together.get)[half:]) == set(sorted(single, key=single.get)[half:])
+    assert max(together.values()) > 0.1  # the layers do differ
+    with pytest.raises(InstructionError, match="rank must be one of"):
+        InstructionSteerer(smol, span, Directer(), rank="batched")
