@@ -47,7 +47,7 @@ from .sampling import Sampling, softmax
 from .steer import PRIOR_TOKENS, Status, TokenEvent
 
 LOOPS = ("auto", "split", "joint")
-RANKS = ("auto", "together", "one-by-one")  # how the sensitivity ranking evaluates the layers
+BATCHES = ("auto", "together", "one-by-one")  # how a token's further steered rows are evaluated
 MAX_SEQ = 256  # llama.cpp's limit on sequences in a context (LLAMA_MAX_SEQ)
 
 
@@ -120,20 +120,25 @@ class InstructionSteerer:
     ranking measures each layer with both.
 
     `loop`: how a token's two rows are decoded ("split", "joint" or "auto": see the module's
-    docstring); `rank`: the ranking's layers evaluated "together" in one decode of a row per
-    layer, "one-by-one", or "auto" (together where the calibration finds such a decode cheaper).
-    The choices are the same either way, up to the batch numerics of llama.cpp's kernels (a row
-    decoded beside others may get logits a little off a lone one's)."""
+    docstring); `batch`: a token's further steered rows (the ranking's, one per layer; the
+    weakened trials' layer sets) evaluated "together" in one decode of several rows,
+    "one-by-one", or "auto" (together where the calibration finds such a decode cheaper than the
+    one-row decodes it replaces: all of the ranking's, the trials' expected number). The choices
+    are the same either way, up to the batch numerics of llama.cpp's kernels (a row decoded
+    beside others may get logits a little off a lone one's)."""
 
     def __init__(self, model: Model, span: tuple[int, int], settings: Directer = Directer(),
                  n_ctx: int = 4096, n_threads: int | None = None, top_n_events: int = 5, kv_f32: bool = False,
                  vector: np.ndarray | None = None, vector_layers: Sequence[int] = (), loop: str = "auto",
-                 rank: str = "auto"):
+                 batch: str = "auto"):
         if loop not in LOOPS:
             raise InstructionError(f"loop must be one of {', '.join(LOOPS)}, not {loop!r}")
-        if rank not in RANKS:
-            raise InstructionError(f"rank must be one of {', '.join(RANKS)}, not {rank!r}")
-        self.rank = rank
+        if batch not in BATCHES:
+            raise InstructionError(f"batch must be one of {', '.join(BATCHES)}, not {batch!r}")
+        self.batch = batch
+        # how many further trials a token evaluates once its first failed (a running mean, from a
+        # prior of 2): what evaluating them together in one decode is weighed against
+        self.extra_trials = 2.0
         self.model = model
         self.span = span
         self.settings = settings
@@ -238,19 +243,20 @@ class InstructionSteerer:
         self._ctx.remove(1, pos, -1)  # the steered pass's own cache entry is dropped...
         self._ctx.share(0, 1, pos, pos + 1)  # ...and the plain one taken
 
-    def _rank_together(self) -> bool:
-        """Whether the ranking evaluates every layer in one decode of as many rows (where such a
-        decode costs less than as many one-row decodes: `calibrate.Costs.batch_wins`, measured)."""
-        if self.rank == "auto":
-            return calibrate.costs(self.model, self.n_threads, widths=[self._width]).batch_wins(self._width)
-        return self.rank == "together"
+    def _together(self, rows: int, replaces: float) -> bool:
+        """Whether to evaluate `rows` steered rows in one decode rather than one by one, where
+        that is expected to take `replaces` one-row decodes (`batch`; "auto": measured)."""
+        if self.batch == "auto":
+            c = calibrate.costs(self.model, self.n_threads, widths=[rows])
+            return rows > 1 and c.rows[rows] < replaces * c.one
+        return self.batch == "together"
 
     def layer_effects(self, token: int, pos: int, plain: np.ndarray) -> dict[int, float]:
         """KL(plain || steered) of the next-token distribution with the instruction's keys scaled
         (and the vector added) in each layer alone, for `token` at `pos` after the plain history."""
         logp = plain - np.logaddexp.reduce(plain)
         p = np.exp(logp)
-        if self._rank_together():
+        if self._together(self._width, self._width):
             w = self._width
             rows = np.concatenate([self._steered_each(token, pos, [[il] for il in self.layers[i:i + w]])
                                    for i in range(0, len(self.layers), w)])
@@ -316,24 +322,43 @@ class InstructionSteerer:
             if n_steered and sampling.greedy:
                 self.skipped = (PRIOR_TOKENS * self.skipped + n_skipped) / (PRIOR_TOKENS + n_steered)
 
+    def _trial_layers(self, t: int) -> tuple[int, ...]:
+        """The layers trial t >= 1 keeps: the ceil(L / 2^t) the ranking puts first."""
+        return tuple(sorted(self.ranking[:max(1, math.ceil(len(self.layers) / 2 ** t))]))
+
     def _trials(self, token: int, pos: int, plain: np.ndarray, steered: np.ndarray, probs: np.ndarray,
                 sampling: Sampling, step: int) -> tuple[int, Status, int, tuple[int, ...], float | None]:
-        """The steered choice of the first layer set whose choice passes the test, or the plain one."""
+        """The steered choice of the first layer set whose choice passes the test, or the plain one.
+        The weakened trials' rows come one decode each, or all of them from one decode."""
         bar = self.settings.p * float(probs.max())
         logits, layers = steered, self.layers
-        t = 0
-        while True:
-            choice = sampling.choose(logits, step, t)
-            if probs[choice] > bar:
-                status = Status.STEERED if t == 0 else Status.WEAKENED
-                return choice, status, t, layers, float(softmax(logits)[choice])
-            t += 1
-            if t >= self.settings.trials or len(layers) <= 1:
-                return sampling.choose(plain, step, 0), Status.PLAIN, t, (), None
-            if self.ranking is None:
-                self.ranking = self._rank(token, pos, plain)
-            layers = tuple(sorted(self.ranking[:max(1, math.ceil(len(self.layers) / 2 ** t))]))
-            logits = self._steered(token, pos, layers)
+        t = evaluated = 0
+        together: dict[int, np.ndarray] | None = None
+        try:
+            while True:
+                choice = sampling.choose(logits, step, t)
+                if probs[choice] > bar:
+                    status = Status.STEERED if t == 0 else Status.WEAKENED
+                    return choice, status, t, layers, float(softmax(logits)[choice])
+                t += 1
+                if t >= self.settings.trials or len(layers) <= 1:
+                    return sampling.choose(plain, step, 0), Status.PLAIN, t, (), None
+                if self.ranking is None:
+                    self.ranking = self._rank(token, pos, plain)
+                layers = self._trial_layers(t)
+                if together is None:
+                    # the trials the loop can still reach: up to `trials`, down to one layer
+                    sets = [layers]
+                    while t + len(sets) < self.settings.trials and len(sets[-1]) > 1:
+                        sets.append(self._trial_layers(t + len(sets)))
+                    together = {}
+                    if len(sets) > 1 and self._together(len(sets), self.extra_trials):
+                        together = dict(zip(range(t, t + len(sets)), self._steered_each(token, pos, sets)))
+                logits = together[t] if t in together else self._steered(token, pos, layers)
+                evaluated += 1
+        finally:
+            if t:  # a running mean over the tokens that needed a second trial, the last weighing most
+                self.extra_trials = (PRIOR_TOKENS * self.extra_trials + evaluated) / (PRIOR_TOKENS + 1)
 
     def _top(self, probs: np.ndarray) -> list[tuple[int, str, float]]:
         n = self.top_n_events

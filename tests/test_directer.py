@@ -252,8 +252,8 @@ def test_auto_takes_the_loop_the_costs_favour_at_the_share_skipped(smol, monkeyp
     while few are skipped, split once enough are (here: joint below 40%)."""
     from localsteer import calibrate
 
-    c = calibrate.Costs(one=1.0, rows={2: 1.5, 3: 2.0, smol.n_layer: 9.0}, joint=1.6, keys_plain=1.0, keys_one=1.0,
-                        keys_two=1.6)
+    rows = {k: 1.0 + 0.4 * (k - 1) for k in range(2, 2 * smol.n_layer)}  # each row more costs 0.4 of one
+    c = calibrate.Costs(one=1.0, rows=rows, joint=1.6, keys_plain=1.0, keys_one=1.0, keys_two=1.6)
     monkeypatch.setattr(calibrate, "costs", lambda *a, **k: c)
     full, toks = templated(smol, PROMPT)
     st = InstructionSteerer(smol, find_span(smol, toks, full, FRENCH), Directer())
@@ -264,7 +264,8 @@ def test_auto_takes_the_loop_the_costs_favour_at_the_share_skipped(smol, monkeyp
         assert st.skipped == pytest.approx(len(evs) * share / (4 + len(evs)))
         assert st.joint() == (st.skipped < 0.4)
         assert st.joint(greedy=False)  # a sampled reply skips nothing
-        assert st._rank_together()  # a decode of a row per layer costs 9 rows' worth here
+        assert st._together(smol.n_layer, smol.n_layer)  # the ranking's rows: 12.6 rows' worth for 30
+        assert st._together(5, 2.0) is False and st._together(3, 2.0)  # 2.6 and 1.8 rows' worth for 2 expected
     finally:
         st.close()
 
@@ -277,7 +278,7 @@ def test_the_ranking_evaluates_the_layers_together_or_one_by_one_alike(smol):
     span = find_span(smol, toks, full, FRENCH)
     effects = {}
     for rank in ("together", "one-by-one"):
-        st = InstructionSteerer(smol, span, Directer(), rank=rank, n_ctx=256)
+        st = InstructionSteerer(smol, span, Directer(), batch=rank, n_ctx=256)
         try:
             st._ctx.clear()
             st._steer((), rows=[])
@@ -298,5 +299,38 @@ def test_the_ranking_evaluates_the_layers_together_or_one_by_one_alike(smol):
     half = smol.n_layer // 2
     assert set(sorted(together, key=together.get)[half:]) == set(sorted(single, key=single.get)[half:])
     assert max(together.values()) > 0.1  # the layers do differ
-    with pytest.raises(InstructionError, match="rank must be one of"):
-        InstructionSteerer(smol, span, Directer(), rank="batched")
+    with pytest.raises(InstructionError, match="batch must be one of"):
+        InstructionSteerer(smol, span, Directer(), batch="batched")
+
+
+def test_the_weakened_trials_evaluated_together_choose_as_one_by_one(smol):
+    """A token's weakened trials from one decode of a row per layer set (`batch="together"`)
+    against one decode per trial: the same tokens, statuses and trials, up to batch numerics (the
+    first difference, if any, a near-tie of the test); and the decodes really were batched."""
+    settings = Directer()
+    full, toks = templated(smol, PROMPT)
+    span = find_span(smol, toks, full, FRENCH)
+    got = {}
+    for batch in ("together", "one-by-one"):
+        st = InstructionSteerer(smol, span, settings, batch=batch, loop="split")
+        sizes = []
+        each = st._steered_each
+
+        def spy(token, pos, sets, _each=each):
+            sizes.append(len(sets))
+            return _each(token, pos, sets)
+        st._steered_each = spy
+        try:
+            got[batch] = [(e.token, e.status, e.rounds, e.layers) for e in st.generate(toks, 32, GREEDY)]
+        finally:
+            st.close()
+        weakened = [e for e in got[batch] if e[2] > 0]
+        assert weakened
+        if batch == "together":  # the ranking's decode, then one decode per token that needed trials
+            assert sizes[0] == smol.n_layer and len(sizes) == 1 + len(weakened) and max(sizes[1:]) > 1
+        else:
+            assert sizes == []
+        assert st.extra_trials != 2.0  # the running mean moved
+    a, b = got["together"], got["one-by-one"]
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    assert first is None or first >= 8, (first, a[:first + 1], b[:first + 1])
