@@ -213,14 +213,21 @@ class RowSteer(_EvalCallback):
         self.rows: list[int] | None = []
         self._directions = np.zeros((0, 0), dtype=np.float32)
         self._wanted: dict[bytes, int] = {}
+        self._per_row: list[frozenset[int]] | None = None  # `per_row`: each row its own layers
 
     def wants(self, name: bytes) -> int | None:
+        if self._per_row is not None:
+            return self._per_row_wanted.get(name)
         return self._wanted.get(name) if self.rows != [] else None
 
     def on_tensor(self, tensor: int, il: int) -> None:
         out = _tensor_rows(tensor)
-        rows = slice(None) if self.rows is None else [r for r in self.rows if r < len(out)]
-        out[rows] += self._directions[il]
+        if self._per_row is not None:
+            rows = [r for r, ls in enumerate(self._per_row[:len(out)]) if il in ls]
+            out[rows] += self._per_row_directions[il]
+        else:
+            rows = slice(None) if self.rows is None else [r for r in self.rows if r < len(out)]
+            out[rows] += self._directions[il]
         _ggml_base.ggml_backend_tensor_set(tensor, out.ctypes.data, 0, out.nbytes)
 
     def set(self, directions: np.ndarray | None, layers: Sequence[int] = ()) -> None:
@@ -230,6 +237,17 @@ class RowSteer(_EvalCallback):
             return
         self._directions = np.ascontiguousarray(directions, dtype=np.float32)
         self._wanted = {f"l_out-{il}".encode(): il for il in layers if il >= 1}
+
+    def per_row(self, directions: np.ndarray | None, layers: Sequence[Iterable[int]] = ()) -> None:
+        """Until called again with None: steer each batch row r with `directions` on its own
+        layers `layers[r]` (every row must ask for logits), instead of `rows` on the layers of
+        `set` (which are kept for then)."""
+        if directions is None:
+            self._per_row = None
+            return
+        self._per_row = [frozenset(ls) for ls in layers]
+        self._per_row_directions = np.ascontiguousarray(directions, dtype=np.float32)
+        self._per_row_wanted = {f"l_out-{il}".encode(): il for il in frozenset().union(*self._per_row) if il >= 1}
 
 
 class RowsSteer(_EvalCallback):

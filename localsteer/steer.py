@@ -34,7 +34,9 @@ RECOVERY = ("reset", "hold", "gradual")
 SCHEDULES = ("halve", "one")
 FOLDS = ("none", "case", "recase")
 LOOPS = ("auto", "drafted", "joint")
+ROUNDS = ("auto", "together", "one-by-one")
 PRIOR_TOKENS = 4  # the weight, in tokens, of the replies before the last in `Steerer.passed`
+ROUNDS_WIDTH = 4  # at most this many weaker layer sets in one decode (`Rejection.rounds`)
 
 @dataclass(frozen=True)
 class Rejection:
@@ -55,6 +57,13 @@ class Rejection:
       words in the vector's casing, in pieces where needed (module `casefold`).
     loop: "joint" (one context, the steered and plain tokens in one two-row decode; the CPU
       default), "drafted" (two contexts, drafts checked in batches; the GPU default), "auto".
+    rounds: with the joint loop, a rejected token's weaker layer sets evaluated "together" in
+      one decode of a row per set (up to ROUNDS_WIDTH), "one-by-one", or "auto": together on a
+      GPU build where the calibration finds that cheaper than the re-evaluations expected, one
+      by one on CPU builds. Together, the rows' cache cells take other places in the KV cache
+      than one round after another gives them, and llama.cpp's attention sums over the cells in
+      that order: the choices are the token-by-token loop's up to those numerics (on a GPU its
+      kernels are not batch invariant anyway), not bit for bit.
     """
 
     topk: int = 20
@@ -64,6 +73,7 @@ class Rejection:
     schedule: str = "halve"
     fold: str = "none"
     loop: str = "auto"
+    rounds: str = "auto"
 
     def __post_init__(self):
         if self.topk < 1:
@@ -78,6 +88,8 @@ class Rejection:
             raise ValueError(f"fold must be one of {FOLDS}")
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {LOOPS}")
+        if self.rounds not in ROUNDS:
+            raise ValueError(f"rounds must be one of {ROUNDS}")
 
 
 class Status(str, Enum):
@@ -150,6 +162,9 @@ class Steerer:
         # the share of steered tokens that passed the plain check at the first try, in the
         # last reply with rejection: "auto" weighs the loops' costs at it (1 before any reply)
         self.passed = 1.0
+        # how many weaker layer sets a rejected token re-evaluates (a running mean, from a prior
+        # of 2): what evaluating them in one decode is weighed against (`Rejection.rounds`)
+        self.reevaluations = 2.0
         self.configure(vector, layers, rejection, importance)
 
     def configure(self, vector: ControlVector | None = None, layers: Sequence[int] | None = None,
@@ -197,8 +212,9 @@ class Steerer:
                     ctx.close()
             self._steered = self._plain = None
             if self._joint is None:
-                self._joint = self.model.context(n_ctx=2 * self.n_ctx, n_seq_max=2, n_threads=self.n_threads,
-                                                 capture=self._rows)
+                # sequences 0 and 1, and 2.. for a rejected token's weaker sets (`Rejection.rounds`)
+                self._joint = self.model.context(n_ctx=2 * self.n_ctx + 2 * ROUNDS_WIDTH, n_seq_max=2 + ROUNDS_WIDTH,
+                                                 n_threads=self.n_threads, capture=self._rows)
                 if self.adapters:
                     self._joint.set_loras(self.adapters)
             return self._joint, self._joint
@@ -462,6 +478,8 @@ class _ReplyDecoder:
             only = self._only_plausible(p_logits)
             if only is not None:  # every round would end with this token: none is evaluated
                 return (only,), only, Status.PLAIN, 0, s_logits
+        if state.active and not ok and self.joint and self._rounds_together(state):
+            rounds, tok, ok, word, s_logits = self._rounds_in_one_decode(state, p_logits)
         while state.active and not ok:
             rounds += 1
             state.weaken()
@@ -472,6 +490,9 @@ class _ReplyDecoder:
             s_logits = self._steered_next(self.history[-1], len(self.history) - 1, redo=True)
             tok = self.sampling.choose(s_logits, step, rounds)
             ok, word = self._judge(tok, p_logits)
+        if rounds:
+            evaluated = rounds if state.active else rounds - 1
+            self.steerer.reevaluations = (PRIOR_TOKENS * self.steerer.reevaluations + evaluated) / (PRIOR_TOKENS + 1)
         if not state.active:
             status = Status.PLAIN if self.steerer.layers else Status.UNSTEERED
             tok = self.sampling.choose(p_logits, step, 0)
@@ -490,6 +511,71 @@ class _ReplyDecoder:
             # weakened steering may lose the vector's case: the full-strength vector spells it
             return respelled(self.model, tok, full), self._plain_token(tok, p_logits), status, rounds, s_logits
         return (tok,), self._plain_token(tok, p_logits), status, rounds, s_logits
+
+    def _weaker_sets(self, state: _ActiveLayers) -> list[tuple[int, ...]]:
+        """The layer sets the rounds would try after `state`'s, in order (each weakening of the
+        last), down to the last that is not empty."""
+        sets, probe = [], state.copy()
+        while True:
+            probe.weaken()
+            if not probe.active:
+                return sets
+            sets.append(probe.active)
+
+    def _rounds_together(self, state: _ActiveLayers) -> bool:
+        """Whether this token's rounds are evaluated in one decode of a row per weaker layer set
+        (`Rejection.rounds`; "auto": where the calibration finds a decode of that many rows
+        cheaper than the one-row decodes the rounds are expected to take, the running mean
+        `Steerer.reevaluations`). Joint loop only: its context steers each row on its own."""
+        mode = self.rejection.rounds
+        if mode == "one-by-one":
+            return False
+        n = min(len(self._weaker_sets(state)), ROUNDS_WIDTH)
+        if mode == "together":
+            return n >= 1
+        if not self.model.offloaded or n < 2:
+            return False  # see `Rejection.rounds`: on CPU builds the choices stay the token-by-token loop's
+        c = calibrate.costs(self.model, self.steerer.n_threads, widths=[n])
+        return c.rows[n] < self.steerer.reevaluations * c.one
+
+    def _rounds_in_one_decode(self, state: _ActiveLayers, p_logits: np.ndarray):
+        """The rounds of the current token from decodes of up to ROUNDS_WIDTH rows, one per
+        weaker layer set (row j on sequence 2 + j, which shares the steered history before the
+        token): the first set whose choice passes wins, as one round after another would have
+        it; the steered sequence then takes that row's cache entry (the last set's if none
+        passes). Returns the rounds, the token, whether it passed, the word (fold "recase") and
+        its steered logits; `state` is left at the set that passed (empty if none)."""
+        ctx, step = self.steered, self.step
+        tok_in, pos = self.history[-1], len(self.history) - 1
+        sets = self._weaker_sets(state)
+        directions = self.steerer.vector.directions
+        ctx.remove(0, pos, -1)  # the full set's entry goes first, as before a round's re-evaluation
+        for start in range(0, len(sets), ROUNDS_WIDTH):
+            chunk = sets[start:start + ROUNDS_WIDTH]
+            seqs = list(range(2, 2 + len(chunk)))
+            for seq in seqs:
+                ctx.share(0, seq, 0, pos)
+            self.steerer._rows.per_row(directions, chunk)
+            try:
+                ctx.decode([tok_in] * len(chunk), [pos] * len(chunk), seqs, [True] * len(chunk))
+                rows = ctx.logits_rows(len(chunk))
+            finally:
+                self.steerer._rows.per_row(None)
+            keep = None
+            for j, logits in enumerate(rows):
+                tok = self.sampling.choose(logits, step, start + j + 1)
+                ok, word = self._judge(tok, p_logits)
+                if ok or start + j == len(sets) - 1:
+                    keep = j
+                    break
+            if keep is not None:  # the steered sequence takes the kept row's entry
+                ctx.share(seqs[keep], 0, pos, pos + 1)
+            for seq in seqs:
+                ctx.remove(seq, -1, -1)
+            if keep is not None:
+                state.active = chunk[keep] if ok else ()
+                return start + keep + 1 + (0 if ok else 1), tok, ok, word, rows[keep]
+        raise AssertionError("no weaker layer set")  # the caller asks only when there is one
 
     def _checked_step(self, s_logits: np.ndarray, p_logits: np.ndarray, state: _ActiveLayers, lazy: bool = False):
         """Resolve one token with rejection, yield its event, and feed it to both contexts.

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from localsteer import api, calibrate, importance, models
-from localsteer.runtime import supports_gpu_offload
-from localsteer.steer import Rejection, Steerer
+from localsteer import api, calibrate, importance, models, steer
+from localsteer.runtime import Context, supports_gpu_offload
+from localsteer.steer import Rejection, Steerer, _ActiveLayers, _ReplyDecoder
 
 DATASETS = Path(__file__).parent.parent / "vectors" / "datasets"
 GREEDY = api.sampling_config(temperature=0)
@@ -255,3 +255,69 @@ def test_skip_test_runs_no_rounds_when_one_token_is_plausible(smol, vector, reje
     assert [(e.token, e.status, e.rounds, e.layers) for e in fast] == [(e.token, e.status, e.rounds, e.layers) for e in evs]
     sampled = events(smol, st, PROMPTS[0], n=32, sampling=SAMPLED, fast=False)
     assert not any(e.status == "plain" and e.rounds == 0 for e in sampled)  # greedy only
+
+
+@pytest.mark.skipif(ON_GPU, reason=NOT_BATCH_INVARIANT)
+@pytest.mark.parametrize("recovery", ["reset", "hold"])
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_rounds_in_one_decode(smol, vector, sampling, recovery, monkeypatch):
+    """The joint loop with a rejected token's weaker layer sets evaluated on sequences of their
+    own (`Rejection.rounds="together"`), the chosen row's cache entry then taken by the steered
+    sequence: one set per decode, it makes the token-by-token loop's choices, rounds and layer
+    sets bit for bit (the cache handling is exact); several per decode, every token passes the
+    test its status claims with the layer set of its round (the cells' order in the cache
+    differs, so the numerics may part from the token-by-token loop's)."""
+    layers = list(range(6, 20))
+    v = vector.only_layers(layers) * 60.0
+    ref = Steerer(smol, v, layers, Rejection(topk=5, recovery=recovery, loop="drafted"), importance=layers)
+    st = Steerer(smol, v, layers, Rejection(topk=5, recovery=recovery, loop="joint", rounds="together"),
+                 importance=layers)
+    widths = []
+    decode = Context.decode
+
+    def spy(ctx, tokens, positions, seq_ids, outputs):
+        if min(seq_ids) >= 2:
+            widths.append(len(tokens))
+        return decode(ctx, tokens, positions, seq_ids, outputs)
+    monkeypatch.setattr(Context, "decode", spy)
+    monkeypatch.setattr(steer, "ROUNDS_WIDTH", 1)
+    for prompt in PROMPTS:
+        want = events(smol, ref, prompt, n=32, sampling=sampling, fast=False)
+        got = events(smol, st, prompt, n=32, sampling=sampling)
+        assert [(e.token, e.status, e.rounds, e.layers) for e in got] == \
+            [(e.token, e.status, e.rounds, e.layers) for e in want]
+    assert widths and set(widths) == {1} and any(e.rounds > 1 for e in want)
+    monkeypatch.setattr(steer, "ROUNDS_WIDTH", 4)
+    st = Steerer(smol, v, layers, Rejection(topk=5, recovery=recovery, loop="joint", rounds="together"),
+                 importance=layers)  # a context with sequences for 4 rows
+    sets = [st.layers] + _ReplyDecoder(st, [], sampling, 1)._weaker_sets(_ActiveLayers(st))
+    for prompt in PROMPTS:
+        for e in events(smol, st, prompt, n=32, sampling=sampling):
+            if e.status in ("steered", "weakened"):
+                assert e.token in [t for t, _, _ in e.plain_top]  # the plain top-5: reject top-k 5
+                assert e.layers == sets[e.rounds] or recovery == "hold"
+            elif e.status == "plain":
+                assert e.rounds == 0 or e.layers == ()
+    assert max(widths) > 1 and st.reevaluations != 2.0
+
+
+def test_rounds_together_by_the_costs(smol, vector, monkeypatch):
+    """"auto" evaluates the rounds in one decode on a GPU build where that decode costs less than
+    the re-evaluations a rejected token is expected to take; never on a CPU build."""
+    layers = list(range(6, 20))
+    st = Steerer(smol, vector.only_layers(layers), layers, Rejection(loop="joint"), importance=layers)
+    run = _ReplyDecoder(st, api.chat_prompt(smol, PROMPTS[0]), GREEDY, 8)
+    state = _ActiveLayers(st)
+    assert [len(s) for s in run._weaker_sets(state)] == [7, 4, 2, 1]
+    cheap = calibrate.Costs(one=1.0, rows={2: 1.2, 3: 1.3, 4: 1.4}, joint=1.3)
+    dear = calibrate.Costs(one=1.0, rows={2: 2.0, 3: 2.6, 4: 3.0}, joint=2.1)
+    monkeypatch.setattr(calibrate, "costs", lambda *a, **k: cheap)
+    assert not run._rounds_together(state) or smol.offloaded  # a CPU build: one by one
+    monkeypatch.setattr(smol, "offloaded", True)
+    for costs, together in ((cheap, True), (dear, False)):
+        monkeypatch.setattr(calibrate, "costs", lambda *a, _c=costs, **k: _c)
+        assert run._rounds_together(state) == together  # 2 re-evaluations expected before any reply
+    st.reevaluations = 3.5
+    assert run._rounds_together(state)  # dear rows, but more rounds expected
+    with pytest.raises(ValueError, match="rounds must be one of"):
+        Rejection(rounds="wide")
