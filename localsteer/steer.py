@@ -55,8 +55,9 @@ class Rejection:
     fold: "none" compares tokens; "case" judges plausibility up to letter case (for case
       vectors); "recase" also lets the plain model read the reply in its own casing and writes
       words in the vector's casing, in pieces where needed (module `casefold`).
-    loop: "joint" (one context, the steered and plain tokens in one two-row decode; the CPU
-      default), "drafted" (two contexts, drafts checked in batches; the GPU default), "auto".
+    loop: "joint" (one context, the steered and plain tokens in one two-row decode), "drafted"
+      (two contexts, drafts checked in batches), or "auto": the cheaper by the machine's
+      measured decode costs (`calibrate.py`) at the share of tokens passing.
     rounds: with the joint loop, a rejected token's weaker layer sets evaluated "together" in
       one decode of a row per set (up to ROUNDS_WIDTH), "one-by-one", or "auto": together on a
       GPU build where the calibration finds that cheaper than the re-evaluations expected, one
