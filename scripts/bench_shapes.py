@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from localsteer import api, calibrate  # noqa: E402  (llama.cpp before numpy: localsteer/__init__.py)
+from localsteer.errors import LocalsteerError  # noqa: E402
 from localsteer.runtime import KeyScale, RowSteer, RowsSteer, backend_devices  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -123,6 +124,6 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         sys.exit(130)
-    except (OSError, ValueError) as e:
+    except (LocalsteerError, OSError, ValueError) as e:
         print(f"bench_shapes: error: {e}", file=sys.stderr)
         sys.exit(1)
