@@ -8,6 +8,7 @@
   auto       the loop the machine's calibration favours at the share of tokens skipped so far
 
     .venv/bin/python scripts/bench_directer.py [--model qwen2.5-coder-0.5b-instruct] [--tokens 96]
+                                               [--batch auto|together|one-by-one]
 
 tok/s is (n - 1) / (T(n) - T(1)) per prompt (T(k): wall time from the call to the k-th token),
 so prompt processing cancels out; the mean over the prompts. Beside the ratio it prints what
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from localsteer import api, calibrate  # noqa: E402
-from localsteer.directer import InstructionSteerer, find_span  # noqa: E402
+from localsteer.directer import BATCHES, InstructionSteerer, find_span  # noqa: E402
 from localsteer.reply import run  # noqa: E402
 import numpy as np  # noqa: E402  (after localsteer, which loads llama.cpp first)
 
@@ -70,6 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--batch", choices=BATCHES, default="auto",
+                    help="a token's further steered rows (ranking, weakened trials) in one decode or one by one")
     args = ap.parse_args()
     try:
         model = api.load_model(args.model)
@@ -97,7 +100,7 @@ def main() -> None:
 
         speed["plain"].append(timed(plain, args.tokens))
         for loop in loops:
-            steerer = InstructionSteerer(model, span, api.Directer(), loop=loop)
+            steerer = InstructionSteerer(model, span, api.Directer(), loop=loop, batch=args.batch)
             if loop == "auto":
                 steerer.skipped = auto_skipped  # the share the earlier prompts' replies skipped
 
@@ -121,7 +124,7 @@ def main() -> None:
     n = sum(counts.values())
     cost = two_row_cost(model, model.tokenize(model.apply_chat_template([{"role": "user", "content": PROMPTS[0][0]}])))
     c = calibrate.costs(model)
-    print(f"model {args.model}, {len(PROMPTS)} prompts x {args.tokens} tokens greedy, "
+    print(f"model {args.model}, {len(PROMPTS)} prompts x {args.tokens} tokens greedy, batch {args.batch}, "
           f"{api.backend_devices()[0][1] if api.backend_devices() else 'CPU'}")
     print(f"  plain     {p:6.1f} tok/s")
     for loop in loops:
