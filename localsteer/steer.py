@@ -529,13 +529,13 @@ class _ReplyDecoder:
         cheaper than the one-row decodes the rounds are expected to take, the running mean
         `Steerer.reevaluations`). Joint loop only: its context steers each row on its own."""
         mode = self.rejection.rounds
-        if mode == "one-by-one":
-            return False
+        if mode == "one-by-one" or (mode == "auto" and not self.model.offloaded):
+            return False  # see `Rejection.rounds`: on CPU builds the choices stay the token-by-token loop's
         n = min(len(self._weaker_sets(state)), ROUNDS_WIDTH)
         if mode == "together":
             return n >= 1
-        if not self.model.offloaded or n < 2:
-            return False  # see `Rejection.rounds`: on CPU builds the choices stay the token-by-token loop's
+        if n < 2:
+            return False
         c = calibrate.costs(self.model, self.steerer.n_threads, widths=[n])
         return c.rows[n] < self.steerer.reevaluations * c.one
 
