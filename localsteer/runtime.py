@@ -26,19 +26,71 @@ from .errors import ModelError, VectorError
 LLAMA_CPP_PYTHON_VERSION: str = llama_cpp.__version__
 
 _backend_ready = False
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _verbose = False
 
 
-@llama_cpp.llama_log_callback
-def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+def _log_sink(text: bytes) -> None:
     if _verbose and text:
         os.write(2, text)
+
+
+def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    _log_sink(text)
+
+
+_log_callback = llama_cpp.llama_log_callback(_log)
+
+# --- signals that land while llama.cpp is calling Python ----------------------------------------
+# llama.cpp calls Python back (its log lines while a model or context is made, the eval callback
+# during a decode). A Ctrl-C that Python handles there raises KeyboardInterrupt inside the
+# callback, and ctypes can only print it and drop it: the command would go on as if nothing had
+# been pressed. So the handlers for SIGINT and SIGTERM are wrapped: a signal that finds a callback
+# on the stack is raised again, to be handled at the first line Python runs outside it (once
+# llama.cpp has returned). A short-lived thread sends it again a few milliseconds later, not the
+# handler itself: a signal made pending inside a handler is handled at the handler's next line,
+# over and over.
+
+_REDELIVER_S = 0.005
+_C_CALLBACKS: set = {_log.__code__}  # the code of every Python function llama.cpp calls
+
+
+def _in_c_callback(frame) -> bool:
+    while frame is not None:
+        if frame.f_code in _C_CALLBACKS:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _deferring(handler):
+    def deliver(signum: int, frame) -> None:
+        if _in_c_callback(frame):
+            again = threading.Timer(_REDELIVER_S, signal.pthread_kill, (threading.main_thread().ident, signum))
+            again.daemon = True
+            again.start()
+            return
+        handler(signum, frame)
+
+    deliver.localsteer_wraps = handler
+    return deliver
+
+
+def defer_signals_in_callbacks() -> None:
+    """Wrap the current Python handlers of SIGINT and SIGTERM (main thread only; idempotent)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in _HELD_SIGNALS:
+        handler = signal.getsignal(s)
+        if callable(handler) and not hasattr(handler, "localsteer_wraps"):
+            signal.signal(s, _deferring(handler))
 
 
 def init_backend(verbose: bool = False) -> None:
     """Initialise llama.cpp once per process; its logging is silenced unless `verbose`."""
     global _backend_ready, _verbose
     _verbose = verbose
+    defer_signals_in_callbacks()
     if not _backend_ready:
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
@@ -121,6 +173,7 @@ class _EvalCallback:
                 self.error = e
                 return ask
 
+        _C_CALLBACKS.add(callback.__code__)
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
 
     def wants(self, name: bytes) -> int | None:
@@ -136,8 +189,6 @@ class _EvalCallback:
         if error is not None:
             raise error
 
-
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager

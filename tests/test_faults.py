@@ -176,6 +176,42 @@ def test_ctrl_c_during_eval_leaves_valid_results(tmp_path):
     assert not out.exists() or leftovers(out) == []
 
 
+SIGNAL_IN_LOG_CALLBACK = """
+import signal, sys, time
+from localsteer import runtime
+runtime.init_backend()
+sent = []
+def sink(text):  # runs inside llama.cpp's log callback, as Python's signal handlers may
+    if not sent:
+        sent.append(1)
+        signal.raise_signal(getattr(signal, sys.argv[2]))
+runtime._log_sink = sink
+try:
+    model = runtime.Model(sys.argv[1])
+    time.sleep(2)  # the signal is handled within milliseconds of llama.cpp's return
+except KeyboardInterrupt:
+    print("interrupted after the load")
+else:
+    print("the load went on", len(sent))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_inside_a_llama_cpp_callback_is_not_lost(smol_path, sig):
+    """A Ctrl-C that Python handles while llama.cpp is calling its log callback (model and context
+    creation log many lines) must stop the command once llama.cpp returns, not vanish in ctypes
+    (it did: a Ctrl-C during `eval` went unnoticed when it fell on one of those lines)."""
+    env = {**os.environ}
+    code = SIGNAL_IN_LOG_CALLBACK
+    if sig == "SIGTERM":  # the command line's handler: SIGTERM raises Terminated (a KeyboardInterrupt)
+        code = code.replace("runtime.init_backend()", "from localsteer.cli import base\n"
+                            "signal.signal(signal.SIGTERM, base._on_sigterm)\nruntime.init_backend()")
+    proc = subprocess.run([sys.executable, "-c", code, str(smol_path), sig], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)
+    assert proc.stdout.strip() == "interrupted after the load", (proc.stdout, proc.stderr[-2000:])
+    assert "Exception ignored" not in proc.stderr, proc.stderr
+
+
 def test_ctrl_c_during_kts_train_writes_nothing(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "kts.gguf"
