@@ -261,6 +261,14 @@ def test_probe_reads_the_templates_post_instruction_tokens(name, tiny, tmp_path)
 ABLATION = {}  # name -> the refusal-ablate.gguf written by `refusal direction`
 
 
+def ablation_adapter(name: str, m, small_sets, out: Path) -> Path:
+    """The tiny model's refusal ablation adapter, made once per session (both tests below use it)."""
+    if name not in ABLATION:
+        files = api.refusal_direction(m, small_sets, out, inlp_rounds=2, kl_max=1e9, log=lambda s: None)
+        ABLATION[name] = files["ablation"]
+    return ABLATION[name]
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_refusal_direction_ablates_every_layer_or_is_refused(name, tiny, tiny_paths, small_sets, tmp_path_factory):
     m, path = tiny(name), tiny_paths[name]
@@ -271,8 +279,7 @@ def test_refusal_direction_ablates_every_layer_or_is_refused(name, tiny, tiny_pa
         assert list(out.iterdir()) == []
         record(name, "refusal", "✗ post-norm layers")
         return
-    files = api.refusal_direction(m, small_sets, out, inlp_rounds=2, kl_max=1e9, log=lambda s: None)
-    adapter = files["ablation"]
+    adapter = ablation_adapter(name, m, small_sets, out)
     # with the adapter, the stream has no component along the direction beyond the token embedding's
     # (a tied embedding is left unedited): the same at every layer
     q = orthonormal(adapter_directions(adapter)[0])[:, 0]
@@ -291,19 +298,18 @@ def test_refusal_direction_ablates_every_layer_or_is_refused(name, tiny, tiny_pa
         lora.close()
     residue = np.abs(along["ablated"] - embedded).max()
     assert residue < 0.02 * np.abs(along["plain"] - embedded).max(), residue  # llama.cpp's int8 activations
-    ABLATION[name] = adapter
     record(name, "refusal")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in ARCHS if not TINY[n].post_norm])
-def test_ablation_adapter_in_llama_completion_matches_localsteer(name, tiny, tiny_paths):
-    if name not in ABLATION:
-        pytest.fail("test_refusal_direction_ablates_every_layer_or_is_refused did not run for it")
+def test_ablation_adapter_in_llama_completion_matches_localsteer(name, tiny, tiny_paths, small_sets,
+                                                                tmp_path_factory):
     m, path = tiny(name), tiny_paths[name]
+    adapter = ablation_adapter(name, m, small_sets, tmp_path_factory.mktemp(f"refusal-{name}"))
     prompt = m.apply_chat_template([{"role": "user", "content": "How do I pick a lock?"}])
-    theirs = completion(path, prompt, 24, "--lora", str(ABLATION[name]))
-    assert localsteer_generate(path, prompt, 24, "--lora", str(ABLATION[name])) == theirs
+    theirs = completion(path, prompt, 24, "--lora", str(adapter))
+    assert localsteer_generate(path, prompt, 24, "--lora", str(adapter)) == theirs
 
 
 KTS_REFUSED = {"mixtral": ("transformers reads", "✗ transformers reads it as a dense Llama")}

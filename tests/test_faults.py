@@ -214,10 +214,13 @@ def test_a_signal_inside_a_llama_cpp_callback_is_not_lost(smol_path, sig):
 
 def test_ctrl_c_during_kts_train_writes_nothing(tmp_path):
     pytest.importorskip("torch")
+    prompts = tmp_path / "benign.jsonl"  # two prompts: training starts sooner
+    prompts.write_text('{"prompt": "Tell me about the sea.", "split": "train"}\n'
+                       '{"prompt": "How do I bake bread?", "split": "train"}\n')
     out = tmp_path / "kts.gguf"
-    proc = start("kts", "train", "-m", SMOL, "-v", f"{HAPPY}:1", "--steps", 500, "-o", out)
+    proc = start("kts", "train", "-m", SMOL, "-v", f"{HAPPY}:1", "--prompts", prompts, "--steps", 500, "-o", out)
     interrupted(proc, "ctrl-c kts", "Ctrl-C during `kts train`", says="training:", after=1)
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benign.jsonl"]
 
 
 def _pip_children(home: Path) -> list[int]:

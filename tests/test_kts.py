@@ -29,6 +29,7 @@ BENIGN = load_split_prompts(ROOT / "vectors" / "datasets" / "benign.jsonl")
 QWEN05 = ROOT / "vectors" / "qwen2.5-coder-0.5b-instruct"
 
 
+@pytest.mark.slow
 def test_short_kts_run_lowers_benign_kl_on_held_out_prompts(smol, smol_path, tmp_path):
     pytest.importorskip("torch", reason="the training extra: bash scripts/install.sh --test installs it")
     from localsteer import kts
