@@ -8,6 +8,7 @@ token ids and strings.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import threading
@@ -621,11 +622,41 @@ def die_with_parent() -> None:
 
 
 def default_threads() -> int:
-    """CPU threads per context: $LOCALSTEER_THREADS, else the CPU count (at most 8)."""
+    """CPU threads per context: $LOCALSTEER_THREADS, else the cores this process may use (at most 8)."""
     env = os.environ.get("LOCALSTEER_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, min(os.cpu_count() or 1, 8))
+    return max(1, min(available_cores(), 8))
+
+
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota. In a
+    container started with `--cpus 2` the CPU count is the host's, and llama.cpp's threads spin
+    while they wait for each other: more threads than cores makes every decode several times slower."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no affinity
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup)
+    return max(1, min(n, math.ceil(quota))) if quota else max(1, n)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota in cores (cgroup v2 `cpu.max`, else v1 `cfs_quota_us / cfs_period_us`), None
+    where there is none or it cannot be read."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for d in ("cpu", "cpu,cpuacct"):
+        try:
+            quota_us = int((root / d / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / d / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
 
 
 class Context:

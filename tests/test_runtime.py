@@ -7,6 +7,7 @@ import pytest
 
 from localsteer.activations import collect
 from localsteer.errors import ModelError
+from localsteer import runtime
 from localsteer.runtime import Capture, Model, supports_gpu_offload
 
 
@@ -117,3 +118,26 @@ def test_an_exception_in_the_eval_callback_stops_the_decode_and_is_raised_after_
         ctx.clear()
         ctx.decode_sequence(prompt(smol), 0)  # the context works on
         assert len(cap.layers) == smol.n_layer - 1
+
+
+@pytest.mark.nomodel
+@pytest.mark.parametrize("files, quota", [
+    ({"cpu.max": "200000 100000\n"}, 2.0),                      # cgroup v2, docker --cpus 2
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),                        # no quota
+    ({"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "100000"}, 0.5),  # cgroup v1
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
+    ({"cpu.max": "garbage"}, None),
+    ({}, None),
+])
+def test_the_cgroup_cpu_quota_caps_the_default_threads(tmp_path, monkeypatch, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert runtime.cgroup_cpu_quota(tmp_path) == quota
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    want = 64 if quota is None else max(1, -(-quota // 1))
+    assert runtime.available_cores(tmp_path) == want
+    monkeypatch.setattr(runtime, "available_cores", lambda: 64 if quota is None else int(want))
+    monkeypatch.delenv("LOCALSTEER_THREADS", raising=False)
+    assert runtime.default_threads() == min(8, int(want))
