@@ -1,7 +1,7 @@
 """DIRECTER on llama.cpp against the algorithm run the way the paper's code runs it: PyTorch and
 transformers on the same GGUF model, a copy of the plain KV cache per token with the instruction's
 keys multiplied by alpha, the steered pass on that copy and its own cache entry thrown away.
-Greedy, 4 prompts x 32 tokens: the share of identical tokens must be within 3 points of what plain
+Greedy, 8 prompts x 48 tokens: the share of identical tokens must be within 3 points of what plain
 greedy decoding gets between the two runtimes.
 
 The model is SmolLM2-135M with its weights dequantized to float32 (written by the test), and
@@ -34,17 +34,17 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).parent.parent
-N_TOKENS = 32
+N_TOKENS = 48
 SETTINGS = Directer()  # alpha 100, p 0.5, 10 trials
 
 
 def prompts() -> list[tuple[str, str]]:
-    """(prompt, instruction) pairs of the test split: one of each of four instruction types."""
+    """(prompt, instruction) pairs of the test split: two of each of four instruction types."""
     out = []
     for itype in ("include_word", "short", "no_commas", "exclude_word"):
         rows = [json.loads(line) for line in (ROOT / "vectors" / "datasets" / "instructions" / f"{itype}.jsonl")
                 .read_text().splitlines() if line.strip()]
-        out += [(r["prompt"], r["instruction"]) for r in rows if r["split"] == "test"][:1]
+        out += [(r["prompt"], r["instruction"]) for r in rows if r["split"] == "test"][:2]
     return out
 
 
