@@ -252,3 +252,48 @@ def test_stratified_sample_sizes(rows):
     small = [row([sid], [{}]) for sid in ["a"] * 6 + ["b"] * 3 + ["c"]]
     got = Counter(r["instruction_id_list"][0] for r in ifeval.stratified_sample(small, 5))
     assert got == {"a": 3, "b": 2}  # quotas 3, 1.5, 0.5: the leftover prompt goes to the larger stratum
+
+
+def test_runs_side_by_side_merge_into_one_report(rows, tmp_path):
+    """scripts/ifeval_merge.py: the replies of a second run (another model, in a copy of the
+    results directory) join the first's, the report covers both, and runs made with other settings
+    or disagreeing on a reply are refused without writing anything."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    settings = {"sample": 200, "max_tokens": 1024, "alpha": 100.0, "p": 0.5, "trials": 10}
+    keys = [r["key"] for r in ifeval.stratified_sample(rows, 200)[:3]]
+
+    def reply(ok: bool) -> dict:
+        return {"response": "x", "n_tokens": 10, "seconds": 1.0, "cut": False, "nll": 5.0,
+                "statuses": {"unsteered": 10}, "strict": [ok], "loose": [ok]}
+
+    def results_dir(name: str, model: str, passing: int, **extra) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        replies = {f"{model}|{c}|{k}": reply(i < passing) for c in ("plain", "directer") for i, k in enumerate(keys)}
+        (d / "replies.json").write_text(json.dumps({"settings": {**settings, **extra}, "replies": replies,
+                                                    "command": "first"}))
+        return d
+
+    a, b = results_dir("a", "big", 1), results_dir("b", "small", 2)
+    merge = [sys.executable, str(root / "scripts" / "ifeval_merge.py")]
+    proc = subprocess.run([*merge, b, a, "--command", "both"], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "merged 6 replies" in proc.stdout
+    merged = json.loads((a / "replies.json").read_text())
+    assert len(merged["replies"]) == 12 and merged["command"] == "both"
+    results = json.loads((a / "results.json").read_text())
+    assert results["cells"]["small|plain"]["prompt_strict"] == pytest.approx(2 / 3)
+    assert results["cells"]["big|directer"]["prompt_strict"] == pytest.approx(1 / 3)
+    assert "Made by `both`" in (a / "results.md").read_text()
+
+    before = (a / "replies.json").read_bytes()
+    other = results_dir("c", "small", 2, alpha=50.0)
+    proc = subprocess.run([*merge, other, a], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 1 and "settings differ" in proc.stderr
+    clash = results_dir("d", "big", 3)  # big's replies, scored otherwise
+    proc = subprocess.run([*merge, clash, a], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 1 and "replies differ" in proc.stderr
+    assert (a / "replies.json").read_bytes() == before
