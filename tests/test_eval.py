@@ -1,4 +1,5 @@
-"""`localsteer eval` end to end on the real Qwen2.5-Coder-0.5B model, with --limit."""
+"""`localsteer eval` end to end on the real SmolLM2-135M model (the grid; the same code runs every
+shipped model), with --limit."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
+GRID_MODEL = "smollm2-135m-instruct"
 
 
 def test_eval_grid_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "localsteer.cli", "eval", "--model", "qwen2.5-coder-0.5b-instruct",
+    cmd = [sys.executable, "-m", "localsteer.cli", "eval", "--model", GRID_MODEL,
            "--types", "lowercase", "--compose", "lowercase+exclude_word", "--limit", "2", "-n", "24",
            "--out", str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
@@ -23,24 +25,24 @@ def test_eval_grid_runs_resumes_and_reports(tmp_path):
     cells = data["cells"]
     conds = ["plain", "steer", "instr", "instr+steer", "steer+rej", "instr+steer+rej", "over", "over+rej"]
     for c in conds:
-        cell = cells[f"qwen2.5-coder-0.5b-instruct|lowercase|{c}"]
+        cell = cells[f"{GRID_MODEL}|lowercase|{c}"]
         assert cell["n"] == 2 and 0 <= cell["accuracy"] <= cell["pass_rate"] <= 1
         assert cell["perplexity"] > 1 and cell["tokens_per_second"] > 0
     # the verifier really ran: the plain model does not write in lowercase by itself
-    assert cells["qwen2.5-coder-0.5b-instruct|lowercase|plain"]["pass_rate"] == 0
+    assert cells[f"{GRID_MODEL}|lowercase|plain"]["pass_rate"] == 0
     for by in ("lowercase", "exclude_word", "lowercase+exclude_word"):  # each alone and the sum, with and without rejection
         for c in ("steer", "steer+rej"):
-            assert cells[f"qwen2.5-coder-0.5b-instruct|joint lowercase&exclude_word by {by}|{c}"]["n"] == 2
-    kl = data["benign_kl"]["qwen2.5-coder-0.5b-instruct|lowercase"]
+            assert cells[f"{GRID_MODEL}|joint lowercase&exclude_word by {by}|{c}"]["n"] == 2
+    kl = data["benign_kl"][f"{GRID_MODEL}|lowercase"]
     assert 0 < kl["steer"] < kl["over"]  # side effects grow with the strength
     md = (out / "results.md").read_text()
-    assert "| qwen2.5-coder-0.5b-instruct | lowercase |" in md and "Composition" in md and "benign KL" in md
+    assert f"| {GRID_MODEL} | lowercase |" in md and "Composition" in md and "benign KL" in md
     assert "| lowercase&exclude_word by lowercase+exclude_word | rejection |" in md
     # every cell's speed is reported too: a row of tokens/s per (model, instruction), a column for the sums
     speeds = md[md.index("Speed: tokens/s"):]
-    speed_row = next(line for line in speeds.splitlines() if line.startswith("| qwen2.5-coder-0.5b-instruct | lowercase |"))
+    speed_row = next(line for line in speeds.splitlines() if line.startswith(f"| {GRID_MODEL} | lowercase |"))
     assert [float(x) for x in speed_row.strip("| ").split(" | ")[2:]] == pytest.approx(
-        [cells[f"qwen2.5-coder-0.5b-instruct|lowercase|{c}"]["tokens_per_second"] for c in conds], abs=0.051)
+        [cells[f"{GRID_MODEL}|lowercase|{c}"]["tokens_per_second"] for c in conds], abs=0.051)
     assert "| median perplexity | tok/s |" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # a rerun finds every cell done and computes nothing
