@@ -84,6 +84,9 @@ def _torch():
     except ImportError:
         raise TrainingExtraMissing("KL-then-steer training needs PyTorch and transformers: "
                                    "pip install 'localsteer[train]' (see the README)") from None
+    # PyTorch counts the host's cores, not a container's CPU quota: more threads than cores spin
+    from .runtime import default_threads
+    torch.set_num_threads(min(torch.get_num_threads(), default_threads()))
     return torch
 
 
