@@ -7,6 +7,7 @@ token ids and strings.
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import math
 import os
@@ -64,10 +65,17 @@ def _in_c_callback(frame) -> bool:
     return False
 
 
+def _send_to_main(signum: int) -> None:
+    if hasattr(signal, "pthread_kill"):  # a real signal: it also wakes a main thread that sleeps
+        signal.pthread_kill(threading.main_thread().ident, signum)
+    else:  # Windows
+        _thread.interrupt_main(signum)
+
+
 def _deferring(handler):
     def deliver(signum: int, frame) -> None:
         if _in_c_callback(frame):
-            again = threading.Timer(_REDELIVER_S, signal.pthread_kill, (threading.main_thread().ident, signum))
+            again = threading.Timer(_REDELIVER_S, _send_to_main, (signum,))
             again.daemon = True
             again.start()
             return
