@@ -8,7 +8,7 @@ results.json, results.md and results.png from all of them:
     cp -r docs/results/ifeval /tmp/ifeval-05
     localsteer eval --benchmark ifeval -m qwen2.5-coder-1.5b-instruct -o docs/results/ifeval -t 1 &
     localsteer eval --benchmark ifeval -m qwen2.5-coder-0.5b-instruct -o /tmp/ifeval-05 -t 1 &
-    wait   # or stop both with Ctrl-C: each keeps every prompt it finished
+    wait   # or stop them early with `kill %1 %2` (SIGTERM): each keeps every prompt it finished
     python scripts/ifeval_merge.py /tmp/ifeval-05 docs/results/ifeval --command "localsteer eval \\
         --benchmark ifeval -m qwen2.5-coder-1.5b-instruct -m qwen2.5-coder-0.5b-instruct -o docs/results/ifeval -t 1"
 
