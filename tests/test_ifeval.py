@@ -288,6 +288,9 @@ def test_runs_side_by_side_merge_into_one_report(rows, tmp_path):
     assert results["cells"]["small|plain"]["prompt_strict"] == pytest.approx(2 / 3)
     assert results["cells"]["big|directer"]["prompt_strict"] == pytest.approx(1 / 3)
     assert "Made by `both`" in (a / "results.md").read_text()
+    big = results["paired"]["big"]["conditions"]["directer"]  # the same prompts pass as under plain
+    assert (big["won_vs_plain"], big["lost_vs_plain"], big["prompt_strict_vs_plain_se"]) == (0, 0, 0)
+    assert "| big | directer | 3 | 33.3% | +0.0 ± 0.0 | 0 / 0 |" in (a / "results.md").read_text()
 
     before = (a / "replies.json").read_bytes()
     other = results_dir("c", "small", 2, alpha=50.0)
@@ -297,3 +300,18 @@ def test_runs_side_by_side_merge_into_one_report(rows, tmp_path):
     proc = subprocess.run([*merge, clash, a], capture_output=True, text=True, cwd=root)
     assert proc.returncode == 1 and "replies differ" in proc.stderr
     assert (a / "replies.json").read_bytes() == before
+
+
+def test_paired_difference_counts_won_and_lost_prompts_and_its_standard_error():
+    from localsteer.eval.ifeval_run import _against_plain
+    # 10 prompts: the condition passes 3 that plain fails and fails 1 that plain passes
+    passed = [True, True, True, False, True, False, False, False, False, False]
+    plain = [False, False, False, True, True, False, False, False, False, False]
+    got = _against_plain(passed, plain)
+    assert got["won_vs_plain"] == 3 and got["lost_vs_plain"] == 1
+    diffs = [a - b for a, b in zip(passed, plain)]  # +1, 0, -1 per prompt
+    mean = sum(diffs) / 10
+    sd = (sum((d - mean) ** 2 for d in diffs) / 10) ** 0.5
+    assert got["prompt_strict_vs_plain_se"] == pytest.approx(sd / 10 ** 0.5, abs=1e-4)
+    assert _against_plain([True, False], [True, False]) == {"won_vs_plain": 0, "lost_vs_plain": 0,
+                                                             "prompt_strict_vs_plain_se": 0.0}

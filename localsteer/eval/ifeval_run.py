@@ -149,11 +149,25 @@ def report(data: dict, rows: Sequence[dict], out_dir: Path) -> dict:
             if base is not None:
                 s["prompt_strict_vs_plain"] = round(s["prompt_strict"] - base["prompt_strict"], 4)
                 s["perplexity_vs_plain"] = round(s["perplexity"] / base["perplexity"], 4)
+                s.update(_against_plain([all(mine[cond][k]["strict"]) for k in common],
+                                        [all(mine["plain"][k]["strict"]) for k in common]))
         results["paired"][model] = {"n_prompts": len(common), "conditions": paired}
     write_text(out_dir / "results.json", json.dumps(results, indent=1))
     write_text(out_dir / "results.md", markdown(results))
     _plot(results, out_dir / "results.png")
     return results
+
+
+def _against_plain(passed: Sequence[bool], plain: Sequence[bool]) -> dict:
+    """The prompts a condition passes (strict) and plain fails (won) and the reverse (lost), and
+    the standard error of the paired difference in prompt-level accuracy: the spread of the
+    per-prompt differences (+1, 0, -1) over sqrt(n)."""
+    n = len(passed)
+    won = sum(a and not b for a, b in zip(passed, plain))
+    lost = sum(b and not a for a, b in zip(passed, plain))
+    mean = (won - lost) / n
+    return {"won_vs_plain": won, "lost_vs_plain": lost,
+            "prompt_strict_vs_plain_se": round(math.sqrt(max(0.0, (won + lost) / n - mean * mean) / n), 4)}
 
 
 def markdown(results: dict) -> str:
@@ -166,15 +180,20 @@ def markdown(results: dict) -> str:
     if results.get("command"):
         lines += ["", f"Made by `{results['command']}` (it resumes where it stopped)."]
     if results["paired"]:
-        lines += ["", "Paired: each model's conditions on the prompts all of them have answered.", "",
-                  "| model | condition | prompts | prompt strict | vs plain | prompt loose | instruction strict | "
-                  "instruction loose | perplexity | vs plain | replies cut |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Paired: each model's conditions on the prompts all of them have answered. vs plain: the "
+                  "difference in points ± its standard error (the per-prompt differences' spread over sqrt(n)), "
+                  "and the prompts passed where plain fails / failed where plain passes.", "",
+                  "| model | condition | prompts | prompt strict | vs plain | won / lost | prompt loose | "
+                  "instruction strict | instruction loose | perplexity | vs plain | replies cut |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for model, p in results["paired"].items():
             for cond, s in p["conditions"].items():
                 vs = s.get("prompt_strict_vs_plain")
                 ratio = s.get("perplexity_vs_plain")
-                lines.append(f"| {model} | {cond} | {p['n_prompts']} | {s['prompt_strict']:.1%} | "
-                             f"{'' if vs is None else f'{100 * vs:+.1f}'} | {s['prompt_loose']:.1%} | "
+                diff = '' if vs is None else f"{100 * vs:+.1f} ± {100 * s['prompt_strict_vs_plain_se']:.1f}"
+                won = '' if vs is None else f"{s['won_vs_plain']} / {s['lost_vs_plain']}"
+                lines.append(f"| {model} | {cond} | {p['n_prompts']} | {s['prompt_strict']:.1%} | {diff} | {won} | "
+                             f"{s['prompt_loose']:.1%} | "
                              f"{s['instruction_strict']:.1%} | {s['instruction_loose']:.1%} | {s['perplexity']:.3f} | "
                              f"{'' if ratio is None else f'{ratio:.3f}x'} | {s['cut']} |")
     lines += ["", "Every cell on the prompts it has answered:", "",
