@@ -215,16 +215,21 @@ def _plot(results: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    cells = {f"{m}\n{c}\n({p['n_prompts']} prompts)": s for m, p in results["paired"].items()
-             for c, s in p["conditions"].items()}
+    def label(model: str) -> str:  # two short lines: the full names would overlap
+        return model.replace("-instruct", "").replace("-coder-", "-coder-\n")
+
+    cells = {f"{label(m)}\n{c}\n({p['n_prompts']} prompts)": s
+             for m, p in results["paired"].items() for c, s in p["conditions"].items()}
     if not cells:
         return
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(cells)), 3.4))
     names = list(cells)
-    ax.bar(range(len(names)), [100 * cells[c]["prompt_strict"] for c in names])
+    ax.bar(range(len(names)), [100 * cells[c]["prompt_strict"] for c in names],
+           yerr=[100 * cells[c].get("prompt_strict_vs_plain_se", 0.0) for c in names], capsize=3)
     ax.set_xticks(range(len(names)), names, fontsize=6)
     ax.set_ylabel("prompt-level strict, %", fontsize=8)
-    ax.set_title(f"IFEval (sample of {results['n_sample']}), each model's conditions on the same prompts", fontsize=8)
+    ax.set_title(f"IFEval (sample of {results['n_sample']}), each model's conditions on the same prompts\n"
+                 "(bars: standard error of the difference from plain)", fontsize=8)
     fig.tight_layout()
     try:
         write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
