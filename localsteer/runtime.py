@@ -199,7 +199,6 @@ class _EvalCallback:
             raise error
 
 
-
 @contextmanager
 def _signals_held(callback: _EvalCallback) -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM during a decode whose eval callback runs Python code: a signal
