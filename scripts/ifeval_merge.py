@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from localsteer.eval import ifeval, ifeval_run
+from localsteer.eval import ifeval_run
 from localsteer.fileio import write_text
 
 
@@ -50,9 +50,7 @@ def main(other: Path, into: Path, command: str | None) -> None:
     if command:
         mine["command"] = command
     write_text(into / "replies.json", json.dumps(mine, indent=0, ensure_ascii=False))
-    sample = mine["settings"]["sample"]
-    rows = ifeval.stratified_sample(ifeval.load_prompts(), sample) if sample < ifeval.N_PROMPTS else ifeval.load_prompts()
-    results = ifeval_run.report(mine, rows, into)
+    results = ifeval_run.report(mine, ifeval_run.sample_rows(mine["settings"]["sample"]), into)
     click.echo(f"merged {len(new)} replies from {other} into {into}")
     for cell, s in results["cells"].items():
         click.echo(f"  {cell}: {s['n_prompts']} prompts")

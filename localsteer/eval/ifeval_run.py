@@ -34,6 +34,12 @@ VECTORS = {"change_case:english_lowercase": "lowercase", "change_case:english_ca
 SAMPLE = 200  # a fixed stratified sample, the same for every model and condition
 
 
+def sample_rows(sample: int) -> list[dict]:
+    """The prompts a run of this sample size answers: the fixed stratified sample, or all 541."""
+    rows = ifeval.load_prompts()
+    return ifeval.stratified_sample(rows, sample) if sample < ifeval.N_PROMPTS else rows
+
+
 def run(models: Sequence[tuple[str, api.Model]], out_dir: Path, conditions: Sequence[str] = CONDITIONS,
         sample: int = SAMPLE, limit: int | None = None, max_tokens: int = 1024, settings: api.Directer = api.Directer(),
         log: Callable[[str], None] = print, command: str | None = None) -> dict:
@@ -41,7 +47,7 @@ def run(models: Sequence[tuple[str, api.Model]], out_dir: Path, conditions: Sequ
 
     The prompts are the outer loop (each prompt under every condition before the next prompt), so
     a run stopped midway compares the conditions on the same prompts."""
-    rows = ifeval.stratified_sample(ifeval.load_prompts(), sample) if sample < ifeval.N_PROMPTS else ifeval.load_prompts()
+    rows = sample_rows(sample)
     rows = rows[:limit] if limit else rows
     out_dir = Path(out_dir)
     path = out_dir / "replies.json"
