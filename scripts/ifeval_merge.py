@@ -28,6 +28,16 @@ from localsteer.eval import ifeval_run
 from localsteer.fileio import write_text
 
 
+def _replies(directory: Path) -> dict:
+    path = directory / "replies.json"
+    try:
+        data = json.loads(path.read_text())
+        data["settings"], data["replies"]  # noqa: B018 - both must be there
+        return data
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise click.ClickException(f"{path} is not the replies of an IFEval run ({type(e).__name__}: {e})") from None
+
+
 def _answer(reply: dict) -> tuple:
     """What a reply said and how it scored (its seconds differ between runs)."""
     return reply["response"], reply["n_tokens"], reply["strict"], reply["loose"]
@@ -38,7 +48,7 @@ def _answer(reply: dict) -> tuple:
 @click.argument("into", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--command", help="The command the merged results are credited to (else INTO's).")
 def main(other: Path, into: Path, command: str | None) -> None:
-    mine, theirs = (json.loads((d / "replies.json").read_text()) for d in (into, other))
+    mine, theirs = (_replies(d) for d in (into, other))
     if mine["settings"] != theirs["settings"]:
         raise click.ClickException(f"settings differ: {mine['settings']} vs {theirs['settings']}")
     differ = [k for k, rep in theirs["replies"].items()

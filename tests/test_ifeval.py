@@ -299,6 +299,11 @@ def test_runs_side_by_side_merge_into_one_report(rows, tmp_path):
     clash = results_dir("d", "big", 3)  # big's replies, scored otherwise
     proc = subprocess.run([*merge, clash, a], capture_output=True, text=True, cwd=root)
     assert proc.returncode == 1 and "replies differ" in proc.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([*merge, empty, a], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 1 and "is not the replies of an IFEval run" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert (a / "replies.json").read_bytes() == before
 
 
