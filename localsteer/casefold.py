@@ -10,7 +10,7 @@ import weakref
 import numpy as np
 
 from .runtime import Model
-from .sampling import softmax
+from .sampling import softmax, top_indices
 
 _fold_cache: "weakref.WeakKeyDictionary[Model, tuple[list[str], np.ndarray]]" = weakref.WeakKeyDictionary()
 _fold_starts: "weakref.WeakKeyDictionary[Model, dict[int, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
@@ -101,7 +101,7 @@ def extension_mass(model: Model, token: int, probs: np.ndarray) -> tuple[float, 
     if not _folded(model)[0][token]:
         return 0.0, None
     starts = _fold_starts.setdefault(model, {})
-    top = np.argpartition(-probs, EXTENSION_TOP)[:EXTENSION_TOP]
+    top = top_indices(probs, EXTENSION_TOP)
     mass, best = 0.0, None
     for u in top:
         u = int(u)

@@ -43,7 +43,7 @@ import numpy as np
 from .errors import LocalsteerError
 from . import calibrate
 from .runtime import Callbacks, KeyScale, Model, RowsSteer
-from .sampling import Sampling, softmax
+from .sampling import Sampling, softmax, top_indices
 from .steer import PRIOR_TOKENS, Status, TokenEvent
 
 LOOPS = ("auto", "split", "joint")
@@ -77,8 +77,10 @@ class Directer:
 def _only_top_passes(probs: np.ndarray, p: float) -> bool:
     """The skip test: with plain top-2 probabilities x >= y, y < p x leaves only the plain top-1
     able to pass (exact for greedy decoding)."""
-    top2 = np.partition(probs, -2)[-2:] if len(probs) > 1 else np.array([0.0, probs[0]])
-    return bool(top2[0] < p * top2[1])
+    if len(probs) < 2:
+        return True
+    x, y = probs[top_indices(probs, 2)]
+    return bool(y < p * x)
 
 
 def find_span(model: Model, tokens: Sequence[int], text: str, instruction: str) -> tuple[int, int]:
@@ -362,6 +364,5 @@ class InstructionSteerer:
 
     def _top(self, probs: np.ndarray) -> list[tuple[int, str, float]]:
         n = self.top_n_events
-        top = np.argpartition(-probs, n)[:n]
-        top = top[np.argsort(-probs[top])]
+        top = top_indices(probs, n)
         return [(int(t), self.model.piece(int(t)).decode("utf-8", "replace"), float(probs[t])) for t in top]

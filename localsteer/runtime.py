@@ -156,7 +156,10 @@ class _TensorHead(ctypes.Structure):
 
 class _EvalCallback:
     """Base of the eval callbacks (`Capture`, `RowSteer`): llama.cpp calls `on_tensor` for each
-    tensor `wants` names. An exception cannot cross the C frames of a decode: one raised in
+    tensor `wanted` names. llama.cpp asks the callback about every tensor of the graph (about a
+    thousand a token), so `Context.decode` looks the wanted names up once (`arm`) and the
+    callback only does a dictionary lookup; where nothing is wanted it answers at once.
+    An exception cannot cross the C frames of a decode: one raised in
     `on_tensor` is kept in `error`, the callback returns false, which stops the graph, and
     `Context.decode` raises it once llama_decode has returned. Signals (Ctrl-C, SIGTERM) are
     held during such a decode (`_signals_held`), since Python would raise KeyboardInterrupt at
@@ -167,16 +170,19 @@ class _EvalCallback:
         self.error: BaseException | None = None
         self.stop = False
         self.layers: dict[int, np.ndarray] = {}
+        self._armed: dict[bytes, tuple[_EvalCallback, int]] = {}
 
         def callback(tensor: int, ask: bool, user_data: int) -> bool:
             try:
                 if self.stop or self.error is not None:
                     return ask  # asked: yes, so that the call that follows can stop the graph
-                il = self.wants(_ggml_base.ggml_get_name(tensor))
+                if not self._armed:
+                    return not ask  # nothing wanted in this decode
+                target = self._armed.get(_ggml_base.ggml_get_name(tensor))
                 if ask:
-                    return il is not None
-                if il is not None:
-                    self.on_tensor(tensor, il)
+                    return target is not None
+                if target is not None:
+                    target[0].on_tensor(tensor, target[1])
                 return True
             except BaseException as e:  # noqa: BLE001 - re-raised by Context.decode
                 self.error = e
@@ -185,9 +191,17 @@ class _EvalCallback:
         _C_CALLBACKS.add(callback.__code__)
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
 
-    def wants(self, name: bytes) -> int | None:
-        """The layer index of a tensor this callback reads or writes, else None."""
+    def wanted(self) -> dict[bytes, int]:
+        """The tensors the next decode reads or writes: name -> layer index."""
         raise NotImplementedError
+
+    def targets(self) -> dict[bytes, tuple["_EvalCallback", int]]:
+        """Name -> (the callback whose `on_tensor` gets it, layer index)."""
+        return {name: (self, il) for name, il in self.wanted().items()}
+
+    def arm(self) -> None:
+        """Look up what the next decode wants (`Context.decode` calls it before each decode)."""
+        self._armed = self.targets()
 
     def on_tensor(self, tensor: int, il: int) -> None:
         raise NotImplementedError
@@ -246,10 +260,10 @@ class Capture(_EvalCallback):
 
     def __init__(self, layers: Iterable[int]):
         super().__init__()
-        self.wanted = {f"l_out-{il}".encode(): il for il in layers}
+        self._wanted = {f"l_out-{il}".encode(): il for il in layers}
 
-    def wants(self, name: bytes) -> int | None:
-        return self.wanted.get(name)
+    def wanted(self) -> dict[bytes, int]:
+        return self._wanted
 
     def on_tensor(self, tensor: int, il: int) -> None:
         if _TensorHead.from_address(tensor).type == _GGML_TYPE_F32:
@@ -274,10 +288,10 @@ class RowSteer(_EvalCallback):
         self._wanted: dict[bytes, int] = {}
         self._per_row: list[frozenset[int]] | None = None  # `per_row`: each row its own layers
 
-    def wants(self, name: bytes) -> int | None:
+    def wanted(self) -> dict[bytes, int]:
         if self._per_row is not None:
-            return self._per_row_wanted.get(name)
-        return self._wanted.get(name) if self.rows != [] else None
+            return self._per_row_wanted
+        return self._wanted if self.rows != [] else {}
 
     def on_tensor(self, tensor: int, il: int) -> None:
         out = _tensor_rows(tensor)
@@ -327,8 +341,8 @@ class RowsSteer(_EvalCallback):
         layers = set().union(*(ls for d, ls in self._rows if d is not None)) if self._rows else set()
         self._wanted = {f"l_out-{il}".encode(): il for il in layers if il >= 1}
 
-    def wants(self, name: bytes) -> int | None:
-        return self._wanted.get(name)
+    def wanted(self) -> dict[bytes, int]:
+        return self._wanted
 
     def on_tensor(self, tensor: int, il: int) -> None:
         out = _tensor_rows(tensor)
@@ -371,8 +385,8 @@ class KeyScale(_EvalCallback):
         self.alpha = float(alpha)
         self.rows = [r for r, ls in enumerate(self._row_layers) if ls]
 
-    def wants(self, name: bytes) -> int | None:
-        return self._wanted.get(name) if self.rows and len(self.cells) else None
+    def wanted(self) -> dict[bytes, int]:
+        return self._wanted if self.rows and len(self.cells) else {}
 
     def on_tensor(self, tensor: int, il: int) -> None:
         head = _TensorHead.from_address(tensor)
@@ -395,16 +409,17 @@ class Callbacks(_EvalCallback):
         super().__init__()
         self.parts = parts
 
-    def wants(self, name: bytes) -> int | None:
-        return next((il for il in (p.wants(name) for p in self.parts) if il is not None), None)
+    def targets(self) -> dict[bytes, tuple[_EvalCallback, int]]:
+        merged: dict[bytes, tuple[_EvalCallback, int]] = {}
+        for part in reversed(self.parts):  # the first part that wants a tensor gets it
+            merged.update(part.targets())
+        return merged
 
-    def on_tensor(self, tensor: int, il: int) -> None:
-        name = _ggml_base.ggml_get_name(tensor)
-        for part in self.parts:
-            at = part.wants(name)
-            if at is not None:
-                part.on_tensor(tensor, at)
-                return
+    def wanted(self) -> dict[bytes, int]:
+        return {name: il for name, (_, il) in self.targets().items()}
+
+    def on_tensor(self, tensor: int, il: int) -> None:  # the parts get their tensors (`targets`)
+        raise AssertionError("Callbacks dispatches each tensor to its part")
 
 
 # --- model and contexts ----------------------------------------------------------------------
@@ -721,6 +736,7 @@ class Context:
             rc = llama_cpp.llama_decode(self._ctx, b)
         else:
             self.capture.layers = {}
+            self.capture.arm()
             with _signals_held(self.capture):
                 rc = llama_cpp.llama_decode(self._ctx, b)
             self.capture.raise_pending()

@@ -27,7 +27,7 @@ import numpy as np
 from . import calibrate
 from .casefold import case_classes, extension_mass, respelled, spellings, spelled
 from .runtime import Context, Lora, Model, RowSteer
-from .sampling import Sampling, prob_of, softmax
+from .sampling import Sampling, prob_of, softmax, top_indices
 from .vector import ControlVector, format_layers
 
 RECOVERY = ("reset", "hold", "gradual")
@@ -387,8 +387,7 @@ class _ReplyDecoder:
             p = softmax(p_logits)
             ev.plain_prob = float(p[token])
             n = self.steerer.top_n_events
-            top = np.argpartition(-p, n)[:n]
-            top = top[np.argsort(-p[top])]
+            top = top_indices(p, n)
             ev.plain_top = [(int(t), self.model.piece(int(t)).decode("utf-8", "replace"), float(p[t]))
                             for t in top]
         return ev

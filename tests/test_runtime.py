@@ -9,6 +9,7 @@ from localsteer.activations import collect
 from localsteer.errors import ModelError
 from localsteer import runtime
 from localsteer.runtime import Capture, Model, supports_gpu_offload
+from localsteer.sampling import top_indices
 
 
 def prompt(model, text="Describe the ocean."):
@@ -64,6 +65,48 @@ def test_zero_vector_gives_identical_logits(smol):
         ctx.set_control(np.zeros((30, 576), dtype=np.float32))
         ctx.decode_sequence(toks, 0)
         np.testing.assert_array_equal(ctx.logits(), plain)
+
+
+def test_callbacks_give_each_part_its_tensors_and_an_idle_one_changes_nothing(smol):
+    """`Callbacks` looks up, before each decode, which part gets which tensor: a `RowSteer` on
+    layer 4 and a `Capture` of layers 3 and 6 on one context see what each sees alone (layer 6
+    as with llama.cpp's own control vector on layer 4); with nothing wanted, the logits are those
+    of a context without a callback."""
+    toks = prompt(smol)
+    d = np.zeros((30, 576), dtype=np.float32)
+    d[4] = np.random.default_rng(1).normal(size=576) * 4
+    want = capture_layers(smol, toks, d, layers=[3, 6])
+    steer, cap = runtime.RowSteer(), Capture([3, 6])
+    steer.rows = None
+    with smol.context(n_ctx=512, capture=runtime.Callbacks(steer, cap)) as ctx:
+        steer.set(d, [4])
+        ctx.decode_sequence(toks, 0)
+        assert sorted(cap.layers) == [3, 6]
+        np.testing.assert_allclose(cap.layers[3], want[3], atol=1e-5)
+        np.testing.assert_allclose(cap.layers[6], want[6], atol=1e-3)
+    with smol.context(n_ctx=512) as ctx:
+        ctx.decode_sequence(toks, 0)
+        plain = ctx.logits()
+    idle = runtime.Callbacks(runtime.KeyScale(), runtime.RowsSteer())
+    with smol.context(n_ctx=512, capture=idle) as ctx:
+        ctx.decode_sequence(toks, 0)
+        assert idle.targets() == {}
+        np.testing.assert_array_equal(ctx.logits(), plain)
+
+
+@pytest.mark.nomodel
+def test_top_indices_are_the_largest_values_in_order():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        size = 151936 if trial % 4 == 0 else int(rng.integers(1, 70000))
+        x = rng.standard_normal(size).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x, 1)  # many ties
+        n = int(rng.integers(1, 60))
+        got = top_indices(x, n)
+        assert len(set(got.tolist())) == len(got) == min(n, size)
+        np.testing.assert_array_equal(x[got], np.sort(x)[::-1][:n])
+    assert len(top_indices(np.ones(3, dtype=np.float32), 0)) == 0
 
 
 @pytest.mark.skipif(supports_gpu_offload(), reason="llama.cpp's GPU kernels are not batch invariant: "
