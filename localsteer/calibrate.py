@@ -33,7 +33,7 @@ from .fileio import write_text
 from .models import home, quick_fingerprint
 from .runtime import KeyScale, Model, RowSteer, backend_devices, default_threads
 
-VERSION = 2  # 2: the DIRECTER shapes
+VERSION = 3  # 2: the DIRECTER shapes; 3: eval callbacks armed once a decode (cheaper steered shapes)
 NOISY = 2.0  # the median of a shape's decodes over its fastest, beyond which the numbers are not kept
 N_DECODES = 12  # per shape, after one warm-up; the fastest counts (other work on the cores only slows a decode)
 
