@@ -522,22 +522,30 @@ def test_identical_pairs_warn_and_all_identical_fail(tmp_path):
 # --- the chat ------------------------------------------------------------------------------------
 
 @pytest.mark.nomodel
+def _chat_noting(seen: list) -> type:
+    """The chat app, recording each notification as (title, message) in `seen`."""
+    from localsteer_tui import ChatApp
+
+    class App(ChatApp):
+        def notify(self, message, **kw):
+            seen.append((kw.get("title"), message))
+            super().notify(message, **kw)
+
+    return App
+
+
 def test_the_chat_reports_a_failed_load_instead_of_hanging(monkeypatch, tmp_path):
     import asyncio
 
     import localsteer_tui.app as app_module
-    from localsteer_tui import ChatApp, ChatOptions
+    from localsteer_tui import ChatOptions
 
     def no_memory(*a, **kw):
         raise MemoryError("Unable to allocate 215 GiB")
 
     monkeypatch.setattr(app_module.api, "load_model", no_memory)
     seen = []
-
-    class App(ChatApp):
-        def notify(self, message, **kw):
-            seen.append((kw.get("title"), message))
-            super().notify(message, **kw)
+    App = _chat_noting(seen)
 
     async def run():
         app = App(ChatOptions(model=SMOL, user_dir=tmp_path))
@@ -557,15 +565,11 @@ def test_the_chat_reports_a_failed_load_instead_of_hanging(monkeypatch, tmp_path
 def test_the_chat_skips_an_absurd_user_vector(tmp_path):
     import asyncio
 
-    from localsteer_tui import ChatApp, ChatOptions
+    from localsteer_tui import ChatOptions
 
     _vector_file(tmp_path / "far.gguf", {"direction.99999999": np.ones(576, dtype=np.float32)})
     seen = []
-
-    class App(ChatApp):
-        def notify(self, message, **kw):
-            seen.append((kw.get("title"), message))
-            super().notify(message, **kw)
+    App = _chat_noting(seen)
 
     async def run():
         app = App(ChatOptions(model=SMOL, user_dir=tmp_path))
