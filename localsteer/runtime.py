@@ -415,12 +415,6 @@ class Callbacks(_EvalCallback):
             merged.update(part.targets())
         return merged
 
-    def wanted(self) -> dict[bytes, int]:
-        return {name: il for name, (_, il) in self.targets().items()}
-
-    def on_tensor(self, tensor: int, il: int) -> None:  # the parts get their tensors (`targets`)
-        raise AssertionError("Callbacks dispatches each tensor to its part")
-
 
 # --- model and contexts ----------------------------------------------------------------------
 
